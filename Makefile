@@ -1,0 +1,28 @@
+# The two quickstart commands (README): `make quickstart` and `make test`.
+.PHONY: setup quickstart test test-slow lint bench
+VENV := .venv
+BIN := $(VENV)/bin
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+
+# Until `mpm demo` exists: synthesise a small pair set (with deliberately bad rows) and shard it.
+quickstart: setup
+	$(BIN)/mpm data synth --output runs/quickstart/pairs --num-samples 300
+	$(BIN)/mpm data shard --config configs/data/quickstart.yaml
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+test-slow: setup
+	$(BIN)/pytest -q -m slow
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python benchmarks/bench_shard.py
