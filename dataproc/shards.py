@@ -1,11 +1,7 @@
-"""Pair shards: the on-disk contract (DESIGN.md "Pair shards") and the one reader trainers use.
+"""The one reader of pair shards for trainers: `iter_pairs` streams (image, caption, metadata).
 
-Layout of an output folder:
-    {shard:05d}.tar            samples {key}.jpg|webp|png, {key}.txt (caption), {key}.json (metadata)
-    {shard:05d}.parquet        one row per INPUT sample of the shard, failures included (status, error_message)
-    {shard:05d}_stats.json     written last and atomically: marks the shard complete
-    stats.json                 run totals; config.yaml: the resolved config the run used
-Keys are digits only, `{shard:05d}{index:04d}` (webdataset splits keys at the first dot).
+Both the image-to-text and the text-to-image recipes read `mpm data shard` output through it. The on-disk
+format is described in `dataproc.shard_layout`.
 """
 
 from __future__ import annotations
@@ -16,117 +12,17 @@ import logging
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import pyarrow as pa
 import webdataset as wds
 from PIL import Image
+from torch.utils.data import IterableDataset
+
+from dataproc.shard_layout import IMAGE_FIELDS
 
 logger = logging.getLogger(__name__)
-
-# Every status a sample can end with. Stats files count each (as "successes" for success).
-FAILURE_STATUSES = ("failed_to_read", "failed_to_download", "failed_to_decode", "failed_to_resize")
-FILTER_STATUSES = (
-    "filtered_empty_caption",
-    "filtered_caption_length",
-    "filtered_boilerplate",
-    "filtered_language",
-    "filtered_opt_out",
-    "filtered_image_size",
-    "filtered_aspect_ratio",
-    "filtered_image_area",
-    "filtered_duplicate",
-    "filtered_near_duplicate",
-)
-STATUSES = ("success", *FAILURE_STATUSES, *FILTER_STATUSES)
-
-# The columns of every shard parquet row (saved input columns follow). The tar's .json holds the same fields
-# without `phash`, which only a resumed run needs (to rebuild its near-duplicate index).
-RECORD_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("url", pa.string()),
-        ("caption", pa.string()),
-        ("status", pa.string()),
-        ("error_message", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("original_width", pa.int32()),
-        ("original_height", pa.int32()),
-        ("sha256", pa.string()),
-        ("phash", pa.string()),
-        ("lang", pa.string()),
-        ("lang_score", pa.float32()),
-    ]
-)
-IMAGE_FIELDS = ("jpg", "webp", "png")
-
-
-def shard_name(shard_id: int) -> str:
-    return f"{shard_id:05d}"
-
-
-def index_digits(samples_per_shard: int) -> int:
-    return max(4, len(str(samples_per_shard - 1)))
-
-
-def make_key(shard_id: int, index: int, samples_per_shard: int) -> str:
-    return f"{shard_id:05d}{index:0{index_digits(samples_per_shard)}d}"
-
-
-def stats_path(folder: Path, shard_id: int) -> Path:
-    return folder / f"{shard_name(shard_id)}_stats.json"
-
-
-def completed_shards(folder: str | Path) -> dict[int, dict]:
-    """{shard id: its stats} for every complete shard (one whose stats file exists) in `folder`."""
-    out = {}
-    for path in sorted(Path(folder).glob("*_stats.json")):
-        stem = path.name[: -len("_stats.json")]
-        if stem.isdigit():
-            out[int(stem)] = json.loads(path.read_text(encoding="utf-8"))
-    return out
-
-
-def empty_counts() -> dict[str, int]:
-    return {"count": 0, "successes": 0, **{s: 0 for s in FAILURE_STATUSES + FILTER_STATUSES}}
-
-
-def count_statuses(statuses: Sequence[str]) -> dict[str, int]:
-    counts = empty_counts()
-    for status in statuses:
-        counts["count"] += 1
-        counts["successes" if status == "success" else status] += 1
-    return counts
-
-
-def total_stats(folder: str | Path) -> dict[str, Any]:
-    """Totals over the complete shards of an output folder, each input row counted once.
-
-    Retry shards (`retry_of` in their stats) are not added: their outcomes were written back into the stats of
-    the shards the samples came from.
-    """
-    totals: dict[str, Any] = empty_counts()
-    errors: dict[str, int] = {}
-    shards = retry_shards = 0
-    for stats in completed_shards(folder).values():
-        if stats.get("retry_of"):
-            retry_shards += 1
-            continue
-        shards += 1
-        for name in totals:
-            totals[name] += stats.get(name, 0)
-        for message, n in stats.get("errors", {}).items():
-            errors[message] = errors.get(message, 0) + n
-    totals["shards"] = shards
-    totals["retry_shards"] = retry_shards
-    totals["errors"] = dict(sorted(errors.items(), key=lambda kv: -kv[1])[:50])
-    return totals
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The reader for trainers
 
 
 class Pair(NamedTuple):
@@ -190,55 +86,71 @@ def iter_pairs(
     seed: int = 0,
     resampled: bool = False,
     bad_samples: BadSampleCounter | None = None,
-) -> Iterator[Pair]:
+) -> IterableDataset:
     """Stream `Pair(image, caption, meta)` from pair shards, split across ranks and DataLoader workers.
+
+    Returns an IterableDataset: iterate it directly, or give it to a `torch.utils.data.DataLoader` (with
+    `collate_fn` of your choice); with `num_workers > 0` each worker reads different shards.
 
     Args:
         patterns: one shard set (a brace pattern, folder, glob or list of shards), or, with `weights`, a list
             of shard sets to mix.
-        weights: sampling weight of each shard set (normalised); each set is resampled forever when mixing, so
-            an epoch has no end: stop after the number of steps you want.
-        shuffle_buffer: samples held for shuffling (0 = keep shard order).
-        seed: shard-shuffle and sample-shuffle seed.
+        weights: sampling weight of each shard set (normalised). Each set is resampled forever when mixing, so
+            the stream has no end: stop after the number of steps you want.
+        shuffle_buffer: samples held for shuffling (0 = keep shard order, no shard shuffle).
+        seed: shard-shuffle, sample-shuffle and mixing seed.
         resampled: draw shards with replacement forever (multi-node training without epoch balancing).
-        bad_samples: collects the keys of undecodable samples (count, log, skip); one is made if None.
+        bad_samples: collects the keys of undecodable samples (count, log, skip); one is made if None. With
+            DataLoader workers, each worker process counts its own.
 
-    Ranks come from torch.distributed (or RANK/WORLD_SIZE), workers from the DataLoader: each gets disjoint
-    shards when not resampled (webdataset's split_by_node / split_by_worker).
+    Ranks come from RANK/WORLD_SIZE or torch.distributed, workers from the DataLoader: without resampling each
+    gets disjoint shards (webdataset's split_by_node / split_by_worker).
     """
     bad = bad_samples if bad_samples is not None else BadSampleCounter()
     if weights is None:
-        sets = [patterns]
+        return _pipeline(shard_urls(patterns), resampled, seed, shuffle_buffer, bad)
+    sets = list(patterns)
+    if len(sets) != len(weights):
+        raise ValueError(f"`weights` has {len(weights)} values but `patterns` has {len(sets)} shard sets")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"`weights` must be non-negative with a positive sum, got {list(weights)}")
+    sources = [_pipeline(shard_urls(s), True, seed + i, shuffle_buffer, bad) for i, s in enumerate(sets)]
+    return WeightedMix(sources, list(weights), seed)
+
+
+def _pipeline(
+    urls: list[str], resampled: bool, seed: int, shuffle_buffer: int, bad: BadSampleCounter
+) -> wds.DataPipeline:
+    # Explicit stages (open_clip style): which shards, who reads them, then samples.
+    if resampled:  # per rank/worker seeds derive from `seed` (deterministic=True)
+        stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
     else:
-        sets = list(patterns)
-        if len(sets) != len(weights):
-            raise ValueError(f"`weights` has {len(weights)} values but `patterns` has {len(sets)} shard sets")
-        if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"`weights` must be non-negative with a positive sum, got {list(weights)}")
-
-    def pipeline(urls: list[str], resample: bool, set_seed: int) -> wds.DataPipeline:
-        # Explicit stages (open_clip style): which shards, who reads them, then samples.
-        if resample:  # per rank/worker seeds derive from `set_seed` (deterministic=True)
-            stages = [wds.ResampledShards(urls, seed=set_seed, deterministic=True)]
-        else:
-            stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
-            if shuffle_buffer:
-                stages.append(wds.detshuffle(len(urls), initial=len(urls), seed=set_seed))
-        stages.append(wds.tarfile_to_samples(handler=_shard_error_handler(bad)))
+        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
         if shuffle_buffer:
-            stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(set_seed)))
-        stages += [wds.map(lambda s: _decode_pair(s, bad)), wds.select(lambda p: p is not None)]
-        return wds.DataPipeline(*stages)
+            stages.append(wds.detshuffle(len(urls), initial=len(urls), seed=seed))
+    stages.append(wds.tarfile_to_samples(handler=_shard_error_handler(bad)))
+    if shuffle_buffer:
+        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)))
+    stages += [wds.map(partial(_decode_pair, bad=bad)), wds.select(_is_pair)]
+    return wds.DataPipeline(*stages)
 
-    if weights is None:
-        yield from pipeline(shard_urls(sets[0]), resampled, seed)
-        return
-    # Mixing by weight: each set repeats (resampled), so the mix never ends and proportions hold.
-    sources = [iter(pipeline(shard_urls(s), True, seed + i)) for i, s in enumerate(sets)]
-    rng = random.Random(seed)
-    choices = range(len(sources))
-    while True:
-        yield next(sources[rng.choices(choices, weights=weights)[0]])
+
+def _is_pair(item) -> bool:
+    return item is not None
+
+
+class WeightedMix(IterableDataset):
+    """Draws each sample from one of several endless sources with probability proportional to its weight."""
+
+    def __init__(self, sources: list, weights: list[float], seed: int):
+        self.sources, self.weights, self.seed = sources, weights, seed
+
+    def __iter__(self) -> Iterator[Pair]:
+        rng = random.Random(self.seed * 100_003 + wds.utils.pytorch_worker_seed())  # differs per rank and worker
+        iterators = [iter(s) for s in self.sources]
+        choices = range(len(iterators))
+        while True:
+            yield next(iterators[rng.choices(choices, weights=self.weights)[0]])
 
 
 def _shard_error_handler(bad: BadSampleCounter):
@@ -247,25 +159,3 @@ def _shard_error_handler(bad: BadSampleCounter):
         return True  # continue with the next sample / shard
 
     return handler
-
-
-def format_stats_table(totals: dict[str, Any]) -> str:
-    """The summary printed after a run and by `mpm data stats`: every non-zero status, with failure causes."""
-    count = totals.get("count", 0)
-    rows = [("success", totals.get("successes", 0))]
-    rows += [(s, totals.get(s, 0)) for s in FAILURE_STATUSES + FILTER_STATUSES if totals.get(s, 0)]
-    width = max(len(name) for name, _ in rows) + 2
-    lines = [f"{'status':<{width}}{'samples':>10}{'share':>9}", "-" * (width + 19)]
-    for name, n in rows:
-        lines.append(f"{name:<{width}}{n:>10,}{n / max(count, 1):>9.1%}")
-    lines.append("-" * (width + 19))
-    lines.append(f"{'total':<{width}}{count:>10,}")
-    shards = f"{totals.get('shards', 0)} shards" + (
-        f" (+{totals['retry_shards']} retry shards)" if totals.get("retry_shards") else ""
-    )
-    lines.append(shards)
-    errors = totals.get("errors") or {}
-    if errors:
-        lines.append("most common failure causes:")
-        lines += [f"  {n:>8,}  {message}" for message, n in list(errors.items())[:10]]
-    return "\n".join(lines)

@@ -68,8 +68,8 @@ def _flags(args: argparse.Namespace, table) -> dict:
 
 
 def _cmd_data_shard(args: argparse.Namespace) -> int:
+    from dataproc.shard_layout import format_stats_table
     from dataproc.sharder import ShardConfig, ShardRunError, shard
-    from dataproc.shards import format_stats_table
 
     flags = _flags(args, SHARD_FLAGS)
     if args.overwrite:
@@ -89,7 +89,7 @@ def _cmd_data_shard(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:
-    from dataproc.shards import completed_shards, format_stats_table, total_stats
+    from dataproc.shard_layout import completed_shards, format_stats_table, total_stats
 
     folder = Path(args.folder)
     if not folder.is_dir():
@@ -145,11 +145,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_data_shard)
 
-    p = data_cmds.add_parser("stats", help="print the summary table of a shard folder")
+    p = data_cmds.add_parser(
+        "stats",
+        help="print the summary table of a shard folder",
+        description=(
+            "Print the summary of an existing `mpm data shard` output folder: samples per status (success, each "
+            "failure, each filter reason) with shares, the number of shards, and the most common failure causes. "
+            "Counts come from the complete shards' *_stats.json files, so it also works on a run still in progress."
+        ),
+    )
     p.add_argument("folder", help="output folder of `mpm data shard`")
     p.set_defaults(func=_cmd_data_stats)
 
-    p = data_cmds.add_parser("synth", help="write synthetic image-caption pairs (pairs.jsonl + images/)")
+    p = data_cmds.add_parser(
+        "synth",
+        help="write synthetic image-caption pairs (pairs.jsonl + images/)",
+        description=(
+            "Write procedural JPEGs of mixed sizes with English captions describing them, and a pairs.jsonl "
+            "(url = relative image path, caption) ready for `mpm data shard`. Unless --clean, one row in ten is a "
+            "deliberately bad one (empty or German caption, duplicate, truncated, zero-byte, HTML, tiny, missing "
+            "file, boilerplate caption) so a run's summary shows every reason counted."
+        ),
+    )
     p.add_argument("--output", required=True, help="folder to write into")
     p.add_argument("--num-samples", type=int, default=200, help="number of rows (default: 200)")
     p.add_argument("--seed", type=int, default=0)

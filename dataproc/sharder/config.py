@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from dataproc.config import ConfigError, check_choice, check_range
 from dataproc.langid import LID176_LANGUAGES
-from dataproc.shards import RECORD_SCHEMA
+from dataproc.shard_layout import RECORD_SCHEMA
 
 INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "folder", "webdataset", "hf")
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import itertools
 import json
 import os
+import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,16 +24,15 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 from PIL import Image
 
 from dataproc.fileio import atomic_write_bytes
+from dataproc.shard_layout import RECORD_SCHEMA
 from dataproc.sharder.config import ShardConfig
 from dataproc.sharder.fetch import Fetcher, FetchError
 from dataproc.sharder.filters import CaptionFilters
 from dataproc.sharder.images import Rejected, process_image
 from dataproc.sharder.readers import InputRow, read_source_bytes
-from dataproc.shards import RECORD_SCHEMA
 
 PROGRESS_INTERVAL_S = 0.5
 
@@ -146,11 +147,11 @@ def process_shard(task: ShardTask, cfg: ShardConfig, progress=None) -> int:
     mtime = int(start)
     with (
         open(tmp_tar, "wb") as stream,
-        wds.TarWriter(stream, encoder=False, mtime=mtime) as tar,
+        tarfile.open(fileobj=stream, mode="w") as tar,
         ThreadPoolExecutor(cfg.fetch.threads, thread_name_prefix="fetch") as pool,
     ):
         for i, future in _ordered_map(pool, fetch, to_fetch, window=4 * cfg.fetch.threads):
-            ok = _process_sample(future.result(), task.rows[i], records[i], cfg, tar)
+            ok = _process_sample(future.result(), task.rows[i], records[i], cfg, tar, mtime)
             reporter.add(1, int(ok))
     os.replace(tmp_tar, tar_path)
 
@@ -166,7 +167,9 @@ def process_shard(task: ShardTask, cfg: ShardConfig, progress=None) -> int:
     return task.shard_id
 
 
-def _process_sample(fetched: bytes | FetchError, row: InputRow, record: dict, cfg: ShardConfig, tar) -> bool:
+def _process_sample(
+    fetched: bytes | FetchError, row: InputRow, record: dict, cfg: ShardConfig, tar: tarfile.TarFile, mtime: int
+) -> bool:
     if isinstance(fetched, FetchError):
         record.update(status=fetched.status, error_message=str(fetched))
         return False
@@ -188,14 +191,15 @@ def _process_sample(fetched: bytes | FetchError, row: InputRow, record: dict, cf
         phash=f"{image.phash:016x}",
     )
     meta = {k: v for k, v in record.items() if k != "phash"}
-    tar.write(
-        {
-            "__key__": record["key"],
-            cfg.output.encode_format: image.data,
-            "txt": (row.caption or "").encode("utf-8"),
-            "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
-        }
-    )
+    members = {
+        cfg.output.encode_format: image.data,
+        "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+        "txt": (row.caption or "").encode("utf-8"),
+    }
+    for ext, data in members.items():  # one sample's members are contiguous, as webdataset requires
+        info = tarfile.TarInfo(f"{record['key']}.{ext}")
+        info.size, info.mtime, info.mode = len(data), mtime, 0o444
+        tar.addfile(info, io.BytesIO(data))
     return True
 
 

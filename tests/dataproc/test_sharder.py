@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from dataproc.config import ConfigError
+from dataproc.shard_layout import STATUSES, completed_shards, total_stats
 from dataproc.sharder import shard
-from dataproc.shards import STATUSES, completed_shards, total_stats
 from tests.conftest import distinct_jpeg, image_bytes
 from tests.dataproc.test_images import png_header_only
 
