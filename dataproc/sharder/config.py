@@ -12,6 +12,7 @@ from dataproc.shard_layout import RECORD_SCHEMA
 
 INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "folder", "webdataset", "hf")
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+INTERPOLATIONS = ("area", "bilinear", "bicubic", "lanczos")
 ENCODE_FORMATS = ("jpg", "webp", "png")
 EXECUTORS = ("local", "ray")
 OUTPUT_MODES = ("incremental", "overwrite")
@@ -68,11 +69,16 @@ class ResizeConfig:
     image_size: int = 256
     resize_mode: str = "border"  # img2dataset's modes and default
     resize_only_if_bigger: bool = False
+    # img2dataset's defaults: area averaging to shrink (Pillow's BOX filter = OpenCV's INTER_AREA), lanczos to grow
+    downscale_interpolation: str = "area"
+    upscale_interpolation: str = "lanczos"
     max_image_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's default limit), checked from the header
 
     def __post_init__(self):
         check_range("resize.image_size", self.image_size, 1)
         check_choice("resize.resize_mode", self.resize_mode, RESIZE_MODES)
+        check_choice("resize.downscale_interpolation", self.downscale_interpolation, INTERPOLATIONS)
+        check_choice("resize.upscale_interpolation", self.upscale_interpolation, INTERPOLATIONS)
         check_range("resize.max_image_pixels", self.max_image_pixels, 1)
 
 

@@ -10,24 +10,59 @@ import concurrent.futures as cf
 import multiprocessing as mp
 import os
 import queue
+import sys
+import threading
 from typing import Any
 
 from dataproc.sharder.config import ShardConfig
-from dataproc.sharder.worker import ShardTask, process_shard
+from dataproc.sharder.worker import ShardTask, process_shard, worker_state
+
+_PROGRESS = None  # the progress queue, in each local worker process
+
+
+def _init_worker(progress) -> None:
+    global _PROGRESS
+    _PROGRESS = progress
+
+
+def _process_shard_locally(task: ShardTask, cfg: ShardConfig) -> int:
+    return process_shard(task, cfg, _PROGRESS)
+
+
+def _warm_up(cfg: ShardConfig) -> None:
+    """Build a worker's state (HTTP pool, language-id model) before the first shard arrives."""
+    worker_state(cfg)
+
+
+def _start_method() -> str:
+    """fork when it is safe, spawn otherwise.
+
+    Forked workers start in milliseconds; spawned ones re-import the project (~0.5 s on a small machine, paid by
+    every run). Fork is only safe while this process has a single thread (a lock held by another thread would
+    stay locked forever in the child), which is the case for the CLI: the pool starts its workers before the
+    coordinator creates any thread. Embedding programs with threads (a test's HTTP server, a notebook) get spawn.
+    """
+    if sys.platform == "linux" and threading.active_count() == 1:
+        return "fork"
+    return "spawn"
 
 
 class LocalExecutor:
     def __init__(self, cfg: ShardConfig):
         self.cfg = cfg
         self.processes = cfg.resolved_processes()
-        # spawn, not fork: the coordinator has threads (progress, pools) that fork would copy mid-flight.
-        ctx = mp.get_context("spawn")
-        self._manager = ctx.Manager()
-        self.progress = self._manager.Queue()
-        self._pool = cf.ProcessPoolExecutor(self.processes, mp_context=ctx)
+        ctx = mp.get_context(_start_method())
+        self.progress = ctx.Queue()  # handed to workers at start-up (queues cannot travel as task arguments)
+        self._pool = cf.ProcessPoolExecutor(
+            self.processes, mp_context=ctx, initializer=_init_worker, initargs=(self.progress,)
+        )
+        # Start every worker now (the pool starts one per submit while none is idle), while the coordinator
+        # prepares the run.
+        for _ in range(self.processes):
+            self._pool.submit(_warm_up, cfg)
 
     def submit(self, task: ShardTask) -> cf.Future:
-        return self._pool.submit(process_shard, task, self.cfg, self.progress)
+        return self._pool.submit(_process_shard_locally, task, self.cfg)
 
     def wait(self, handles: list, timeout: float) -> list[tuple[Any, Any]]:
         done, _ = cf.wait(handles, timeout=timeout, return_when=cf.FIRST_COMPLETED)
@@ -38,7 +73,7 @@ class LocalExecutor:
 
     def close(self, cancel: bool = False) -> None:
         self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
-        self._manager.shutdown()
+        self.progress.close()
 
 
 class RayExecutor:

@@ -19,6 +19,12 @@ from dataproc.sharder.config import FilterConfig, OutputConfig, ResizeConfig
 EXIF_ORIENTATION = 0x0112
 SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
 PIL_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
+FILTERS = {
+    "area": Image.Resampling.BOX,  # averages the covered source pixels: OpenCV's INTER_AREA when shrinking
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
 
 class Rejected(Exception):
@@ -37,7 +43,7 @@ class ProcessedImage:
     height: int
     original_width: int  # as displayed, after EXIF orientation
     original_height: int
-    phash: int  # 64-bit perceptual hash of the output pixels
+    phash: int  # 64-bit perceptual hash of the decoded source (see perceptual_hash)
 
 
 def resized_size(width: int, height: int, cfg: ResizeConfig) -> tuple[int, int] | None:
@@ -134,10 +140,14 @@ def process_image(data: bytes, resize: ResizeConfig, filters: FilterConfig, outp
     if orientation != 1:
         im = ImageOps.exif_transpose(im)
     im = to_rgb(im)
+    phash = perceptual_hash(im)
 
     try:
         if target is not None:
-            im = im.resize(target, Image.Resampling.LANCZOS)
+            shrinking = target[0] * target[1] < im.width * im.height
+            im = im.resize(
+                target, FILTERS[resize.downscale_interpolation if shrinking else resize.upscale_interpolation]
+            )
         im = _pad_or_crop(im, resize)
         buf = io.BytesIO()
         fmt = PIL_FORMATS[output.encode_format]
@@ -151,8 +161,19 @@ def process_image(data: bytes, resize: ResizeConfig, filters: FilterConfig, outp
         height=im.height,
         original_width=width,
         original_height=height,
-        phash=int(str(imagehash.phash(im)), 16),
+        phash=phash,
     )
+
+
+def perceptual_hash(im: Image.Image) -> int:
+    """64-bit pHash (imagehash) of the decoded source, so it does not depend on the output size or resize mode.
+
+    The image is first shrunk by an integer factor to about 128 px on its short side (`Image.reduce`: a cheap box
+    average); pHash itself looks at a 32x32 grey version.
+    """
+    factor = max(1, min(im.size) // 128)
+    small = im.reduce(factor) if factor > 1 else im
+    return int(str(imagehash.phash(small)), 16)
 
 
 def _pad_or_crop(im: Image.Image, cfg: ResizeConfig) -> Image.Image:

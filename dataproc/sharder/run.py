@@ -51,32 +51,33 @@ def shard(cfg: ShardConfig, show_progress: bool = True) -> dict[str, Any]:
     cfg.check_required()
     started = time.time()
     fmt, files = resolve_input(cfg.input)
-    out = Path(cfg.output.path)
-    _prepare_output(out, cfg, files)
-    staged_dir = out / STAGED_DIR
-    staged_dir.mkdir(exist_ok=True)
-    for leftover in [*remove_temporaries(out), *remove_temporaries(staged_dir), *staged_dir.glob("*.tar.tmp")]:
-        leftover.unlink(missing_ok=True)
-        logger.info("removed %s left by an interrupted run", leftover)
-
-    done = completed_shards(out)
-    for shard_id, stats in sorted(done.items()):
-        if stats.get("retry_of"):
-            apply_retry(out, shard_id)  # finishes a retry a killed run had not written back yet
-    dedup = _rebuild_dedup(out, done, cfg)
-
-    total = count_rows(fmt, files)
-    done_rows = sum(s["count"] for s in done.values() if not s.get("retry_of"))
-    bar = tqdm(
-        total=None if total is None else max(total - done_rows, 0),
-        unit=" samples",
-        disable=not show_progress,
-        dynamic_ncols=True,
-        smoothing=0.1,
-    )
-    executor = make_executor(cfg)
+    executor = make_executor(cfg)  # workers start up while this process prepares the run
+    bar = None
     failed: dict[int, str] = {}
     try:
+        out = Path(cfg.output.path)
+        _prepare_output(out, cfg, files)
+        staged_dir = out / STAGED_DIR
+        staged_dir.mkdir(exist_ok=True)
+        for leftover in [*remove_temporaries(out), *remove_temporaries(staged_dir), *staged_dir.glob("*.tar.tmp")]:
+            leftover.unlink(missing_ok=True)
+            logger.info("removed %s left by an interrupted run", leftover)
+
+        done = completed_shards(out)
+        for shard_id, stats in sorted(done.items()):
+            if stats.get("retry_of"):
+                apply_retry(out, shard_id)  # finishes a retry a killed run had not written back yet
+        dedup = _rebuild_dedup(out, done, cfg)
+
+        total = count_rows(fmt, files)
+        done_rows = sum(s["count"] for s in done.values() if not s.get("retry_of"))
+        bar = tqdm(
+            total=None if total is None else max(total - done_rows, 0),
+            unit=" samples",
+            disable=not show_progress,
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
         tasks = _input_tasks(cfg, fmt, files, set(done), staged_dir)
         failed = _run(tasks, executor, out, staged_dir, dedup, bar)
         if cfg.retry_failed and not failed:
@@ -85,12 +86,13 @@ def shard(cfg: ShardConfig, show_progress: bool = True) -> dict[str, Any]:
                 failed = _run(_retry_tasks(out, cfg, next_id, staged_dir), executor, out, staged_dir, dedup, bar)
             else:
                 logger.warning("--retry-failed: failures of %s inputs do not change on a retry; nothing retried", fmt)
-    except KeyboardInterrupt:
-        executor.close(cancel=True)
-        bar.close()
+    except BaseException:
+        executor.close(cancel=True)  # Ctrl-C or an error: stop the workers now; a rerun resumes
         raise
+    finally:
+        if bar is not None:
+            bar.close()
     executor.close()
-    bar.close()
 
     totals = total_stats(out)
     totals["run"] = {"duration": round(time.time() - started, 3), "input_format": fmt, "failed_shards": failed}

@@ -87,7 +87,7 @@ class _WorkerState:
 _STATE: _WorkerState | None = None
 
 
-def _state(cfg: ShardConfig) -> _WorkerState:
+def worker_state(cfg: ShardConfig) -> _WorkerState:
     global _STATE
     if _STATE is None or _STATE.cfg != cfg:
         _STATE = _WorkerState(cfg)
@@ -109,7 +109,7 @@ def _ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window
 
 def process_shard(task: ShardTask, cfg: ShardConfig, progress=None) -> int:
     """Stage one shard. `progress`, if given, receives (samples done, successes) increments via `.put()`."""
-    state = _state(cfg)
+    state = worker_state(cfg)
     start = time.time()
     tar_path, parquet_path = staged_paths(task.staged_dir, task.shard_id)
     tar_path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,20 +145,26 @@ def process_shard(task: ShardTask, cfg: ShardConfig, progress=None) -> int:
     # 2. Fetch in threads; decode and write in input order so the staged tar is deterministic.
     tmp_tar = tar_path.with_suffix(".tar.tmp")
     mtime = int(start)
+    spans: dict[
+        str, tuple[int, int]
+    ] = {}  # key -> byte range of its members, so finalizing can drop samples by copying bytes
     with (
         open(tmp_tar, "wb") as stream,
         tarfile.open(fileobj=stream, mode="w") as tar,
         ThreadPoolExecutor(cfg.fetch.threads, thread_name_prefix="fetch") as pool,
     ):
         for i, future in _ordered_map(pool, fetch, to_fetch, window=4 * cfg.fetch.threads):
+            begin = stream.tell()
             ok = _process_sample(future.result(), task.rows[i], records[i], cfg, tar, mtime)
+            if ok:
+                spans[records[i]["key"]] = (begin, stream.tell())
             reporter.add(1, int(ok))
     os.replace(tmp_tar, tar_path)
 
     # 3. The staged parquet, last: its presence means the staged tar is complete.
     table = records_table(records)
     end = time.time()
-    meta = {"start_time": start, "end_time": end, "duration": end - start}
+    meta = {"start_time": start, "end_time": end, "duration": end - start, "spans": spans}
     table = table.replace_schema_metadata({b"mpm_stage": json.dumps(meta).encode()})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)

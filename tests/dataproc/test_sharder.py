@@ -118,6 +118,7 @@ def test_every_bad_input_is_recorded_and_the_output_follows_the_contract(tmp_pat
         fetch__timeout_s=0.5,
         fetch__max_bytes=300_000,
         filters__min_image_size=16,
+        filters__near_duplicate_max_distance=6,
         input__save_additional_columns=["source_id"],
     )
     totals = shard(cfg, show_progress=False)
@@ -205,8 +206,10 @@ def local_pairs(tmp_path: Path, n: int, duplicate_every: int = 4) -> Path:
 
 def test_dedup_is_deterministic_across_processes(tmp_path, make_config):
     src = local_pairs(tmp_path, 40)
-    one = make_config(src, tmp_path / "p1", output__samples_per_shard=6, executor__processes=1)
-    two = make_config(src, tmp_path / "p2", output__samples_per_shard=6, executor__processes=2)
+    one = make_config(src, tmp_path / "p1", output__samples_per_shard=6, filters__near_duplicate_max_distance=6)
+    two = make_config(
+        src, tmp_path / "p2", output__samples_per_shard=6, filters__near_duplicate_max_distance=6, executor__processes=2
+    )
     t1, t2 = shard(one, show_progress=False), shard(two, show_progress=False)
     r1, r2 = records(tmp_path / "p1"), records(tmp_path / "p2")
     assert {k: r["status"] for k, r in r1.items()} == {k: r["status"] for k, r in r2.items()}
