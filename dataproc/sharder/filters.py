@@ -7,6 +7,7 @@ reason end up in every shard's stats (datatrove's convention).
 from __future__ import annotations
 
 import re
+from array import array
 
 from dataproc.langid import LangPrediction, LanguageIdentifier
 from dataproc.sharder.config import FilterConfig
@@ -55,7 +56,8 @@ class HammingIndex:
 
     Multi-index hashing (Norouzi, Punjani, Fleet, CVPR 2012): split the bits into max_distance + 1 blocks; by
     pigeonhole two hashes within that distance agree exactly on at least one block, so only hashes sharing a
-    block value are compared.
+    block value are compared. Hashes live in one array, buckets hold their positions (4 bytes each), which keeps
+    a run of millions of images in a few hundred MB.
     """
 
     def __init__(self, max_distance: int, bits: int = 64):
@@ -63,45 +65,63 @@ class HammingIndex:
         n_blocks = min(max_distance + 1, bits)
         edges = [round(i * bits / n_blocks) for i in range(n_blocks + 1)]
         self.blocks = [(lo, (1 << (hi - lo)) - 1) for lo, hi in zip(edges[:-1], edges[1:])]
-        self.tables: list[dict[int, list[tuple[int, str]]]] = [{} for _ in self.blocks]
+        self.tables: list[dict[int, array]] = [{} for _ in self.blocks]
+        self.values = array("Q")
 
-    def find(self, value: int) -> tuple[int, str] | None:
-        """The first stored (hash, key) within the distance, in insertion order of its bucket."""
+    def find(self, value: int) -> int | None:
+        """Position of the first stored hash (in insertion order of its bucket) within the distance, else None."""
         for table, (shift, mask) in zip(self.tables, self.blocks):
-            for stored, key in table.get((value >> shift) & mask, ()):
-                if (stored ^ value).bit_count() <= self.max_distance:
-                    return stored, key
+            for position in table.get((value >> shift) & mask, ()):
+                if (self.values[position] ^ value).bit_count() <= self.max_distance:
+                    return position
         return None
 
-    def add(self, value: int, key: str) -> None:
+    def add(self, value: int) -> int:
+        position = len(self.values)
+        self.values.append(value)
         for table, (shift, mask) in zip(self.tables, self.blocks):
-            table.setdefault((value >> shift) & mask, []).append((value, key))
+            bucket = (value >> shift) & mask
+            if bucket not in table:
+                table[bucket] = array("I")
+            table[bucket].append(position)
+        return position
 
 
 class Deduplicator:
     """Run-wide exact (sha256 of the fetched bytes) and near (pHash) duplicate detection.
 
     It is only ever called in input order (the coordinator finalizes shards in order), so the copy kept is
-    always the first in input order, whatever the number of processes or resumptions.
+    always the first in input order, whatever the number of processes or resumptions. Memory: about 200 bytes
+    per kept sample (keys as integers, 128-bit digest prefixes, hashes in arrays).
     """
 
     def __init__(self, cfg: FilterConfig):
-        self.exact: dict[str, str] | None = {} if cfg.dedup_exact else None
+        self.exact: dict[int, int] | None = {} if cfg.dedup_exact else None  # digest prefix -> key
         distance = cfg.near_duplicate_max_distance
         self.near = HammingIndex(distance) if distance is not None else None
+        self.near_keys = array("Q")  # key of each HammingIndex position
+        self.key_width = 9
+
+    def _key(self, number: int) -> str:
+        return f"{number:0{self.key_width}d}"
 
     def check(self, sha256: str, phash: int) -> Rejected | None:
-        if self.exact is not None and sha256 in self.exact:
-            return Rejected("filtered_duplicate", f"same bytes as {self.exact[sha256]}")
+        if self.exact is not None:
+            original = self.exact.get(int(sha256[:32], 16))  # 128 bits: collisions are out of reach
+            if original is not None:
+                return Rejected("filtered_duplicate", f"same bytes as {self._key(original)}")
         if self.near is not None:
-            found = self.near.find(phash)
-            if found is not None:
-                distance = (found[0] ^ phash).bit_count()
-                return Rejected("filtered_near_duplicate", f"pHash within {distance} bits of {found[1]}")
+            position = self.near.find(phash)
+            if position is not None:
+                distance = (self.near.values[position] ^ phash).bit_count()
+                original = self._key(self.near_keys[position])
+                return Rejected("filtered_near_duplicate", f"pHash within {distance} bits of {original}")
         return None
 
     def add(self, sha256: str, phash: int, key: str) -> None:
+        self.key_width = len(key)  # keys are digits: stored as integers, printed back at this width
         if self.exact is not None:
-            self.exact.setdefault(sha256, key)
+            self.exact.setdefault(int(sha256[:32], 16), int(key))
         if self.near is not None:
-            self.near.add(phash, key)
+            self.near.add(phash)
+            self.near_keys.append(int(key))

@@ -1,3 +1,4 @@
+import hashlib
 import random
 
 import pytest
@@ -56,30 +57,32 @@ def test_hamming_index_agrees_with_brute_force():
     queries += [rng.getrandbits(64) for _ in range(200)]
     for distance in (0, 3, 6):
         index = HammingIndex(distance)
-        for i, h in enumerate(stored):
-            index.add(h, str(i))
+        assert [index.add(h) for h in stored] == list(range(len(stored)))
         for q in queries:
             expected = any((q ^ h).bit_count() <= distance for h in stored)
             found = index.find(q)
             assert (found is not None) == expected
             if found is not None:
-                assert (found[0] ^ q).bit_count() <= distance
+                assert (stored[found] ^ q).bit_count() <= distance
 
 
 def test_deduplicator_keeps_the_first_copy():
     cfg = load_config(ShardConfig, None, {"filters.near_duplicate_max_distance": 2}).filters
     dedup = Deduplicator(cfg)
-    assert dedup.check("aa", 0b1111) is None
-    dedup.add("aa", 0b1111, "000000000")
-    same = dedup.check("aa", 0)
-    assert same.status == "filtered_duplicate" and "000000000" in same.message
-    near = dedup.check("bb", 0b1100)
-    assert near.status == "filtered_near_duplicate" and "within 2 bits of 000000000" in near.message
-    assert dedup.check("cc", 0b11110000) is None
+    a, b, c = (hashlib.sha256(x).hexdigest() for x in (b"a", b"b", b"c"))
+    assert dedup.check(a, 0b1111) is None
+    dedup.add(a, 0b1111, "000000000")
+    dedup.add(c, 2**64 - 1, "000120007")
+    same = dedup.check(a, 0)
+    assert same.status == "filtered_duplicate" and same.message == "same bytes as 000000000"
+    near = dedup.check(b, 0b1100)
+    assert near.status == "filtered_near_duplicate" and near.message == "pHash within 2 bits of 000000000"
+    assert dedup.check(b, 0b11110000) is None
+    assert dedup.check(b, 2**64 - 2).message == "pHash within 1 bits of 000120007"
     off = Deduplicator(
         load_config(
             ShardConfig, None, {"filters.dedup_exact": False, "filters.near_duplicate_max_distance": None}
         ).filters
     )
-    off.add("aa", 1, "k")
-    assert off.check("aa", 1) is None
+    off.add(a, 1, "000000001")
+    assert off.check(a, 1) is None
