@@ -34,6 +34,7 @@ def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Delete leftovers of writes a killed run did not finish (`.NAME.*.tmp`). Returns what was removed."""
     removed = []
     for tmp in Path(folder).glob(".*.tmp"):
-        tmp.unlink()
-        removed.append(tmp)
+        if tmp.is_file():
+            tmp.unlink()
+            removed.append(tmp)
     return removed

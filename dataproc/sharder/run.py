@@ -60,7 +60,8 @@ def shard(cfg: ShardConfig, show_progress: bool = True) -> dict[str, Any]:
         staged_dir = out / STAGED_DIR
         staged_dir.mkdir(exist_ok=True)
         for leftover in [*remove_temporaries(out), *remove_temporaries(staged_dir), *staged_dir.glob("*.tar.tmp")]:
-            leftover.unlink(missing_ok=True)
+            if leftover.is_file():
+                leftover.unlink()
             logger.info("removed %s left by an interrupted run", leftover)
 
         done = completed_shards(out)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from dataproc.config import ConfigError
 from dataproc.shard_layout import STATUSES, completed_shards, total_stats
-from dataproc.sharder import shard
+from dataproc.sharder import ShardRunError, shard
 from tests.conftest import distinct_jpeg, image_bytes
 from tests.dataproc.test_images import png_header_only
 
@@ -272,6 +272,7 @@ def test_retry_failed_reattempts_only_failures_and_totals_match_a_fresh_run(tmp_
     assert first["failed_to_download"] == 5
     failed_keys = sorted(k for k, r in records(out).items() if r["status"] == "failed_to_download")
     originals = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    before_retry = {p.name: p.read_bytes() for p in out.glob("0000[0-3]*") if not p.name.endswith(".tar")}
 
     for route in web.routes.values():
         route.fail_first = 0  # the site is back
@@ -285,6 +286,16 @@ def test_retry_failed_reattempts_only_failures_and_totals_match_a_fresh_run(tmp_
     assert sorted(new_keys) == [k for k in failed_keys if k != "000030002"]
     assert {p: (out / p).read_bytes() for p in originals} == originals  # original tars untouched
     assert completed_shards(out)[0]["retried_into"] == [4]
+
+    # A run killed after writing the retry shards but before writing their results back finishes the write-back.
+    retried_state = {p.name: p.read_bytes() for p in out.glob("0000[0-3]*")}
+    for name, data in before_retry.items():
+        (out / name).write_bytes(data)
+    assert counts(total_stats(out)) == counts(first)
+    assert counts(shard(cfg, show_progress=False)) == counts(retried)
+    assert {p.name: p.read_bytes() for p in out.glob("0000[0-3].parquet")} == {
+        k: v for k, v in retried_state.items() if k.endswith(".parquet")
+    }
 
     fresh_cfg = make_config(src, tmp_path / "fresh", output__samples_per_shard=4)
     fresh = shard(fresh_cfg, show_progress=False)
@@ -352,3 +363,21 @@ def _png(i: int) -> bytes:
     buf = io.BytesIO()
     Image.open(io.BytesIO(distinct_jpeg(i))).save(buf, "PNG")
     return buf.getvalue()
+
+
+def test_a_shard_that_cannot_be_written_fails_the_run_and_a_rerun_resumes(tmp_path, make_config):
+    src = local_pairs(tmp_path, 18)
+    cfg = make_config(src, output__samples_per_shard=6)
+    out = Path(cfg.output.path)
+    blocker = out / "_tmp" / "00001.staged.tar.tmp"
+    blocker.mkdir(parents=True)  # the worker cannot create shard 1's tar: the whole task fails, twice
+    with pytest.raises(ShardRunError, match=r"1 shard\(s\) could not be completed \(00001: IsADirectoryError"):
+        shard(cfg, show_progress=False)
+    assert sorted(completed_shards(out)) == [0]  # shard 2 is staged, not finalized: dedup needs shard 1 first
+    assert (out / "_tmp" / "00002.staged.parquet").exists()
+    blocker.rmdir()
+    totals = shard(cfg, show_progress=False)
+    assert totals["count"] == 18 and sorted(completed_shards(out)) == [0, 1, 2]
+    assert counts(totals) == counts(
+        shard(make_config(src, tmp_path / "clean", output__samples_per_shard=6), show_progress=False)
+    )
