@@ -138,12 +138,18 @@ def resolve_input(cfg: InputConfig) -> tuple[str, list[str]]:
     return fmt, paths
 
 
-def input_fingerprint(files: list[str]) -> list[list]:
-    """What a resumed run compares to make sure it reads the same input: [[path, size], ...]."""
+def input_fingerprint(files: list[str], output: str | Path) -> list[list]:
+    """What a resumed run compares to make sure it reads the same input: [[path, size], ...].
+
+    An output folder inside an input folder (photos/ -> photos/shards/) is left out: it changes as the run goes.
+    """
+    output = Path(output).resolve()
     out = []
     for f in files:
         if os.path.isdir(f):
-            size = sum(p.stat().st_size for p in Path(f).rglob("*") if p.is_file())
+            size = sum(
+                p.stat().st_size for p in Path(f).rglob("*") if p.is_file() and output not in p.resolve().parents
+            )
         else:
             size = os.path.getsize(f)
         out.append([os.path.abspath(f), size])

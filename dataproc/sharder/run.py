@@ -128,7 +128,7 @@ def _prepare_output(out: Path, cfg: ShardConfig, files: list[str]) -> None:
         for path in _our_files(out):
             path.unlink()
         shutil.rmtree(out / STAGED_DIR, ignore_errors=True)
-    fingerprint = input_fingerprint(files)
+    fingerprint = input_fingerprint(files, out)
     saved = out / CONFIG_FILE
     if saved.exists():
         previous = load_config(ShardConfig, saved)
@@ -212,7 +212,9 @@ def _run(
 ) -> dict[int, str]:
     """Run tasks with a bounded number in flight; finalize staged shards in shard order. Returns failed shards."""
     window = 2 * executor.processes  # keeps every worker busy while bounding rows held in memory
-    order: collections.deque[ShardTask] = collections.deque()  # tasks not finalized yet, in shard order
+    # (shard id, retry_of) of every shard not finalized yet, in shard order. Rows are not kept here: a slow early
+    # shard must not make the coordinator hold the rows of every later one.
+    order: collections.deque[tuple[int, list[int] | None]] = collections.deque()
     ready: set[int] = set()
     in_flight: dict[Any, ShardTask] = {}
     attempts: collections.Counter = collections.Counter()
@@ -233,7 +235,7 @@ def _run(
             if task is None:
                 exhausted = True
                 break
-            order.append(task)
+            order.append((task.shard_id, task.retry_of))
             staged = read_staged(staged_dir, task.shard_id)
             if staged is not None and [r["key"] for r in staged[0]] == task.keys:
                 ready.add(task.shard_id)  # staged by an interrupted run: only finalization is left
@@ -243,11 +245,11 @@ def _run(
                 stale.unlink(missing_ok=True)
             in_flight[executor.submit(task)] = task
 
-        while order and order[0].shard_id in ready:
-            task = order.popleft()
-            finalize_shard(out, staged_dir, task.shard_id, dedup, retry_of=task.retry_of)
-            if task.retry_of:
-                apply_retry(out, task.shard_id)
+        while order and order[0][0] in ready:
+            shard_id, retry_of = order.popleft()
+            finalize_shard(out, staged_dir, shard_id, dedup, retry_of=retry_of)
+            if retry_of:
+                apply_retry(out, shard_id)
 
         if exhausted and not in_flight:
             break
@@ -270,6 +272,6 @@ def _run(
         advance(done, ok)
     if order:  # later shards stay staged: the next run finalizes them without processing them again
         logger.error(
-            "shards from %s on are staged but not finalized (an earlier shard failed)", shard_name(order[0].shard_id)
+            "shards from %s on are staged but not finalized (an earlier shard failed)", shard_name(order[0][0])
         )
     return failed

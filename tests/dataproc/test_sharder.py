@@ -349,6 +349,9 @@ def test_folder_and_reshard_of_existing_shards(tmp_path, make_config):
         (folder / f"{i}.txt").write_text(f"{CAPTION} {i}")
     first = shard(make_config(folder, tmp_path / "a", filters__languages=[]), show_progress=False)
     assert first["successes"] == 5
+    inside = shard(make_config(folder, folder / "shards", filters__languages=[]), show_progress=False)
+    assert inside["successes"] == 5
+    assert shard(make_config(folder, folder / "shards", filters__languages=[]), show_progress=False)["count"] == 5
     # re-shard our own output at another size: same samples, captions and original URLs kept
     second = shard(
         make_config(tmp_path / "a", tmp_path / "b", resize__image_size=16, filters__near_duplicate_max_distance=None),
