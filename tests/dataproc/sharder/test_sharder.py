@@ -19,9 +19,9 @@ from dataproc.config import ConfigError
 from dataproc.shard_layout import STATUSES, completed_shards, total_stats
 from dataproc.sharder import ShardRunError, shard
 from tests.conftest import distinct_jpeg, image_bytes
-from tests.dataproc.test_images import png_header_only
+from tests.dataproc.sharder.test_images import png_header_only
 
-REPO = Path(__file__).parents[2]
+REPO = Path(__file__).parents[3]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
