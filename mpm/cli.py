@@ -49,6 +49,46 @@ SHARD_FLAGS = [
 ]
 
 
+UNIMM_BUILD_FLAGS = [
+    ("--coco-captions", "sources.coco_captions", str, "COCO captions file (captions_train2017.json)"),
+    ("--vqav2-questions", "sources.vqav2_questions", str, "VQAv2 questions file"),
+    ("--vqav2-annotations", "sources.vqav2_annotations", str, "VQAv2 annotations file"),
+    ("--okvqa-questions", "sources.okvqa_questions", str, "OK-VQA questions file"),
+    ("--okvqa-annotations", "sources.okvqa_annotations", str, "OK-VQA annotations file"),
+    ("--aokvqa", "sources.aokvqa", str, "A-OKVQA file (aokvqa_v1p0_train.json)"),
+    ("--visdial", "sources.visdial", str, "Visual Dialog 1.0 file (visdial_1.0_train.json)"),
+    ("--generator", "generator", str, "template|hf|openai (default: template)"),
+    ("--output", "output", str, "output folder"),
+    ("--seed", "seed", int, "template generator seed (default: 0)"),
+    ("--max-turns", "max_turns", int, "exchanges per dialogue at most (default: 10)"),
+    ("--image-pattern", "image_pattern", str, "image file name pattern (default: {image_id:012d}.jpg)"),
+    ("--base-url", "openai.base_url", str, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"),
+    ("--api-key-env", "openai.api_key_env", str, "environment variable holding the API key (default: OPENAI_API_KEY)"),
+    ("--concurrency", "openai.concurrency", int, "requests in flight (default: 8)"),
+    ("--batch-size", "hf.batch_size", int, "hf generator batch size (default: 4)"),
+    ("--max-new-tokens", "hf.max_new_tokens", int, "hf generator tokens per dialogue (default: 1024)"),
+    ("--trust-remote-code", "hf.trust_remote_code", "flag", "allow the hf model's own code (off by default)"),
+]
+UNIMM_TRANSLATE_FLAGS = [
+    (
+        "--input",
+        "input",
+        str,
+        "conversations: LLaVA JSON, UniMM-Chat jsonl, ShareGPT/LLaMA-Factory, or a dataset folder",
+    ),
+    ("--langs", "langs", "list", "comma-separated target languages (ISO 639-1), e.g. zh,de"),
+    ("--backend", "backend", str, "hf (NLLB/M2M100/Marian) or openai (default: hf)"),
+    ("--model", "model", str, "hf: model folder or hub id; openai: model name"),
+    ("--output", "output", str, "output folder (llava.<lang>.json per language)"),
+    ("--source-lang", "source_lang", str, "language of the input (default: en)"),
+    ("--base-url", "openai.base_url", str, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"),
+    ("--api-key-env", "openai.api_key_env", str, "environment variable holding the API key (default: OPENAI_API_KEY)"),
+    ("--concurrency", "openai.concurrency", int, "requests in flight (default: 8)"),
+    ("--batch-size", "hf.batch_size", int, "hf batch size (default: 16)"),
+    ("--device", "hf.device", str, "auto|cpu|cuda (default: auto)"),
+]
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, table) -> None:
     for flag, key, kind, help_text in table:
         kwargs = {"dest": key, "default": argparse.SUPPRESS, "help": f"{help_text} [{key}]"}
@@ -88,6 +128,62 @@ def _cmd_data_shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_unimm_build(args: argparse.Namespace) -> int:
+    from unimm_chat.build import build
+    from unimm_chat.config import BuildConfig
+    from unimm_chat.sources import SourceError
+
+    flags = _flags(args, UNIMM_BUILD_FLAGS)
+    if args.model is not None:  # --model belongs to whichever LLM generator is chosen
+        generator = load_config(BuildConfig, args.config, flags, args.overrides).generator
+        flags["hf.model" if generator == "hf" else "openai.model"] = args.model
+    cfg = load_config(BuildConfig, args.config, flags, args.overrides)
+    try:
+        stats = build(cfg, show_progress=not args.no_progress)
+    except SourceError as exc:
+        raise ConfigError(str(exc)) from None
+    turns = stats["turns_per_dialogue"]
+    print(f"{stats['dialogues']:,} dialogues from {stats['images']:,} images, {turns['mean']} exchanges on average")
+    for reason, n in stats["rejections"].items():
+        print(f"  rejected {reason}: {n:,}  (e.g. {stats['rejection_examples'][reason]})")
+    if "phrasing" in stats:
+        p = stats["phrasing"]
+        print(
+            f"phrasing: {p['patterns']} templates used; the most used appears in {p['max_share_of_dialogues']:.1%} of dialogues"
+        )
+    print(f"timings (s): {stats['timings_s']}")
+    print(f"wrote {cfg.output}/llava.json, unimm_chat.jsonl, dataset/, stats.json")
+    return 0
+
+
+def _cmd_unimm_translate(args: argparse.Namespace) -> int:
+    from unimm_chat.config import TranslateConfig
+    from unimm_chat.conversations import ConversationFormatError
+    from unimm_chat.translate import translate
+
+    cfg = load_config(TranslateConfig, args.config, _flags(args, UNIMM_TRANSLATE_FLAGS), args.overrides)
+    try:
+        stats = translate(cfg, show_progress=not args.no_progress)
+    except ConversationFormatError as exc:
+        raise ConfigError(str(exc)) from None
+    for lang, s in stats["languages"].items():
+        rejected = ", ".join(f"{r} {n}" for r, n in s["rejections"].items()) or "none"
+        print(
+            f"{lang}: {s['translated']:,} of {stats['conversations']:,} conversations (rejected: {rejected}) -> {s['output']}"
+        )
+    return 0
+
+
+def _cmd_unimm_synth(args: argparse.Namespace) -> int:
+    from unimm_chat.synthetic import write_annotations
+
+    paths = write_annotations(args.output, args.num_images, seed=args.seed)
+    flags = " ".join(f"--{name.replace('_', '-')} {path}" for name, path in paths.items())
+    print(f"wrote annotation files for {args.num_images} images into {args.output}; build with:")
+    print(f"  mpm unimm build {flags} --output DIR")
+    return 0
+
+
 def _cmd_data_stats(args: argparse.Namespace) -> int:
     from dataproc.shard_layout import completed_shards, format_stats_table, total_stats
 
@@ -114,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="MPM toolkit: multilingual multimodal models trained on English image-text data.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (INFO level)")
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{data}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{data,unimm}")
 
     data = groups.add_parser("data", help="image-text pairs: shard, inspect, synthesise")
     data_cmds = data.add_subparsers(dest="command", required=True, metavar="{shard,stats,synth}")
@@ -172,6 +268,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clean", action="store_true", help="no deliberately bad rows")
     p.set_defaults(func=_cmd_data_synth)
+
+    unimm = groups.add_parser("unimm", help="UniMM-Chat dialogues from caption/VQA annotations; translation")
+    unimm_cmds = unimm.add_subparsers(dest="command", required=True, metavar="{build,translate,synth}")
+    p = unimm_cmds.add_parser(
+        "build",
+        help="merge COCO captions, VQAv2, OK-VQA, A-OKVQA and VisDial per image into multi-turn dialogues",
+        description=(
+            "Read any subset of the official annotation files, merge them into one record per COCO image, write one "
+            "knowledge-rich multi-turn dialogue per image (template: offline and deterministic; hf: a local chat "
+            "model; openai: any OpenAI-compatible endpoint, cached and resumable), validate every dialogue and write "
+            "DIR/llava.json, DIR/unimm_chat.jsonl, DIR/dataset/ and DIR/stats.json."
+        ),
+        epilog=(
+            "example: mpm unimm build --coco-captions captions_train2017.json --vqav2-questions Q.json "
+            "--vqav2-annotations A.json --aokvqa aokvqa_v1p0_train.json --visdial visdial_1.0_train.json "
+            "--generator template --output unimm/"
+        ),
+    )
+    p.add_argument("--config", help="YAML config file (see configs/unimm/)")
+    _add_config_flags(p, UNIMM_BUILD_FLAGS)
+    p.add_argument("--model", default=None, help="hf: model folder or hub id; openai: model name")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. min_vqa_agreement=0.5"
+    )
+    p.set_defaults(func=_cmd_unimm_build)
+
+    p = unimm_cmds.add_parser(
+        "translate",
+        help="translate conversations into other languages (NLLB/M2M100/Marian or an endpoint)",
+        description=(
+            "Translate every conversation into each --langs language, keeping turns and <image> markers exactly, "
+            "check each result with fastText language id, and write OUTPUT/llava.<lang>.json. Translations are "
+            "cached, so a rerun only translates what is missing."
+        ),
+        epilog="example: mpm unimm translate --input unimm/llava.json --langs zh,de --backend hf "
+        "--model facebook/nllb-200-distilled-600M --output unimm_mt/",
+    )
+    p.add_argument("--config", help="YAML config file")
+    _add_config_flags(p, UNIMM_TRANSLATE_FLAGS)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. min_lang_score=0.7")
+    p.set_defaults(func=_cmd_unimm_translate)
+
+    p = unimm_cmds.add_parser(
+        "synth",
+        help="write small annotation files in the official schemas (tests, demos, benchmarks)",
+        description=(
+            "Write COCO captions, VQAv2, OK-VQA, A-OKVQA and Visual Dialog files for --num-images synthetic scenes, "
+            "in the official schemas and with the real datasets' proportions, and print the build command."
+        ),
+    )
+    p.add_argument("--output", required=True, help="folder to write the annotation files into")
+    p.add_argument("--num-images", type=int, default=50, help="number of images (default: 50; 118287 = COCO scale)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_unimm_synth)
     return parser
 
 

@@ -1,0 +1,184 @@
+"""`mpm unimm build`: annotation files -> merged per-image records -> dialogues -> validated -> exports + stats.
+
+Writes into the output folder:
+    llava.json        the conversations in LLaVA JSON (DESIGN.md conversation contract)
+    unimm_chat.jsonl  the released UniMM-Chat layout ({"image_name", "data"})
+    dataset/          a Hugging Face dataset (save_to_disk) with the LLaVA columns
+    stats.json        images, dialogues, turns, tokens, rejections by reason, source coverage, phrasing diversity,
+                      timings of reading / merging / generating / writing
+    config.yaml       the resolved config
+    cache.sqlite      (LLM generators) every reply, so a rerun resumes without asking again
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from dataproc.config import save_config
+from dataproc.fileio import atomic_write_json
+from dataproc.llm_client import LLMError, ResponseCache
+from unimm_chat.config import BuildConfig
+from unimm_chat.conversations import Conversation, write_hf_dataset, write_llava_json, write_unimm_jsonl
+from unimm_chat.llm import HFGenerator, OpenAIGenerator, ParseError, to_conversation
+from unimm_chat.sources import ImageRecord, ReadStats, merge_sources
+from unimm_chat.template import TemplateGenerator
+from unimm_chat.validate import validate
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def image_name(record: ImageRecord, pattern: str) -> str:
+    if "{file_name" in pattern and not record.file_name:
+        raise ValueError(f"image {record.image_id} has no file_name in the COCO captions file")
+    return pattern.format(image_id=record.image_id, file_name=record.file_name)
+
+
+class _Tally:
+    """Accepted dialogues, rejections by reason (with the first example of each), phrasing patterns."""
+
+    def __init__(self):
+        self.accepted: list[tuple[ImageRecord, Conversation]] = []
+        self.rejections: Counter = Counter()
+        self.examples: dict[str, str] = {}
+        self.patterns: Counter = Counter()  # pattern -> number of dialogues using it
+
+    def reject(self, reason: str, record: ImageRecord, detail: str) -> None:
+        self.rejections[reason] += 1
+        self.examples.setdefault(reason, f"image {record.image_id}: {detail}"[:300])
+
+    def offer(self, record: ImageRecord, conv: Conversation, min_turns: int, patterns=()) -> None:
+        failure = validate(conv, record, min_turns)
+        if failure:
+            self.reject(failure[0], record, failure[1])
+        else:
+            self.accepted.append((record, conv))
+            self.patterns.update(patterns)
+
+
+def build(cfg: BuildConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Run the whole build; returns the stats also written to `{output}/stats.json`."""
+    cfg.check_required()
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    # 1. Read and merge the sources.
+    read_stats = ReadStats()
+    records = list(merge_sources(cfg.sources, read_stats).values())
+    merged_at = time.perf_counter()
+    timings["read"] = read_stats.load_seconds
+    timings["merge"] = merged_at - started - read_stats.load_seconds
+
+    # 2. Generate and validate.
+    tally = _Tally()
+    bar = tqdm(total=len(records), unit=" images", disable=not show_progress, desc=f"{cfg.generator} dialogues")
+    names: dict[int, str] = {}
+    for record in records:
+        try:
+            names[record.image_id] = image_name(record, cfg.image_pattern)
+        except ValueError as exc:
+            tally.reject("no_file_name", record, str(exc))
+    usable = [r for r in records if r.image_id in names]
+    cache_stats = {}
+    if cfg.generator == "template":
+        generator = TemplateGenerator(cfg.seed, cfg.max_turns, cfg.min_vqa_agreement)
+        for record in usable:
+            conv, patterns = generator.generate(record)
+            if conv is None:
+                tally.reject("no_usable_annotations", record, "no captions and no question with a confident answer")
+            else:
+                conv.images = [names[record.image_id]]
+                tally.offer(record, conv, cfg.min_turns, patterns)
+            bar.update()
+    else:
+        cache = ResponseCache(out / "cache.sqlite")
+        if cfg.generator == "openai":
+            generator = OpenAIGenerator(cfg.openai, cfg.min_turns, cfg.max_turns, cache)
+        else:
+            generator = HFGenerator(cfg.hf, cfg.min_turns, cfg.max_turns, cache)
+        hits = 0
+        for record, reply, cached in generator.replies(usable):
+            hits += cached
+            if isinstance(reply, LLMError):
+                tally.reject("llm_error", record, str(reply))
+            else:
+                try:
+                    tally.offer(record, to_conversation(record, reply, names[record.image_id]), cfg.min_turns)
+                except ParseError as exc:
+                    tally.reject(exc.reason, record, exc.detail)
+            bar.update()
+        cache.close()
+        cache_stats = {"cached_replies_used": hits, "new_requests": len(usable) - hits}
+    bar.close()
+    generated_at = time.perf_counter()
+    timings["generate"] = generated_at - merged_at
+
+    # 3. Write the exports and the stats.
+    conversations = [conv for _, conv in tally.accepted]
+    write_llava_json(conversations, out / "llava.json")
+    write_unimm_jsonl(conversations, out / "unimm_chat.jsonl")
+    write_hf_dataset(conversations, out / "dataset")
+    timings["write"] = time.perf_counter() - generated_at
+    timings["total"] = time.perf_counter() - started
+    stats = _stats(cfg, records, tally, read_stats, cache_stats, timings)
+    atomic_write_json(out / "stats.json", stats)
+    return stats
+
+
+def _stats(cfg, records, tally: _Tally, read_stats: ReadStats, cache_stats: dict, timings: dict) -> dict[str, Any]:
+    turns = [len(conv.messages) // 2 for _, conv in tally.accepted]
+    tokens = [sum(len(_TOKEN.findall(m.content)) for m in conv.messages) for _, conv in tally.accepted]
+    n = len(tally.accepted)
+    coverage = {}
+    for source in ("coco_captions", "aokvqa", "okvqa", "vqav2", "visdial"):
+        images = sum(source in r.sources for r in records)
+        if images:
+            dialogues = sum(source in r.sources for r, _ in tally.accepted)
+            coverage[source] = {"images": images, "dialogues": dialogues}
+    stats: dict[str, Any] = {
+        "generator": cfg.generator,
+        "images": len(records),
+        "dialogues": n,
+        "turns_per_dialogue": {
+            "mean": round(statistics.fmean(turns), 2) if turns else 0,
+            "min": min(turns, default=0),
+            "max": max(turns, default=0),
+            "histogram": dict(sorted(Counter(turns).items())),
+        },
+        "tokens": {
+            "total": sum(tokens),
+            "per_dialogue_mean": round(statistics.fmean(tokens), 1) if tokens else 0,
+            "tokenizer": "words and punctuation marks (regex \\w+|[^\\w\\s])",
+        },
+        "rejections": dict(tally.rejections.most_common()),
+        "rejection_examples": tally.examples,
+        "sources": read_stats.as_dict(),
+        "coverage": coverage,
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+    }
+    if cache_stats:
+        stats["cache"] = cache_stats
+    if cfg.generator == "template" and n:
+        stats["phrasing"] = phrasing_stats(tally.patterns, n)
+    return stats
+
+
+def phrasing_stats(patterns: Counter, dialogues: int) -> dict[str, Any]:
+    """How varied the template phrasings are: the share of dialogues that use each template."""
+    slots: dict[str, int] = Counter(p.split(":")[0] for p in patterns)
+    top = patterns.most_common(10)
+    return {
+        "patterns": len(patterns),
+        "patterns_per_slot": dict(sorted(slots.items())),
+        "max_share_of_dialogues": round(top[0][1] / dialogues, 4) if top else 0.0,
+        "most_used": [[p, round(c / dialogues, 4)] for p, c in top],
+    }

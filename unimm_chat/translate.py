@@ -1,0 +1,167 @@
+"""`mpm unimm translate`: conversations into other languages, structure kept exactly, output checked by language id.
+
+Each message is cut into segments at `<image>` markers and line breaks; only the text segments are translated
+(blank lines, markers and surrounding spaces are kept as they were), so turns, roles and `<image>` come out exactly
+as they went in. Identical segments are translated once ("Yes." appears in thousands of dialogues). Every
+translation is cached (SQLite, `{output}/cache.sqlite`) the moment it is made, so a rerun only translates what is
+missing. A translated conversation is rejected, and counted, when a segment failed (`translation_failed`), when a
+translation contains an `<image>` marker of its own (`image_token`), or when fastText does not identify the whole
+conversation as the target language (`wrong_language`: e.g. a model that returned the source text).
+Output: `{output}/llava.<lang>.json` per language, plus `{output}/translate_stats.json`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from dataproc.config import save_config
+from dataproc.fileio import atomic_write_json
+from dataproc.langid import LanguageIdentifier
+from dataproc.llm_client import ChatClient, LLMError, ResponseCache
+from dataproc.translate import LANGID_ALIASES, EndpointTranslator, HFTranslator, language_name
+from unimm_chat.config import TranslateConfig
+from unimm_chat.conversations import IMAGE_TOKEN, Conversation, Message, read_conversations, write_llava_json
+
+_SPLIT = re.compile(f"({re.escape(IMAGE_TOKEN)}|\\n)")
+CHUNK = 256  # segments translated between cache writes and progress updates
+
+
+def segments(text: str) -> list[tuple[str, bool]]:
+    """[(piece, translate it?)]: markers, line breaks and surrounding spaces are kept as they are."""
+    out = []
+    for piece in _SPLIT.split(text):
+        if not piece:
+            continue
+        core = piece.strip()
+        if piece in (IMAGE_TOKEN, "\n") or not core:
+            out.append((piece, False))
+        else:
+            start = piece.index(core)
+            if start:
+                out.append((piece[:start], False))
+            out.append((core, True))
+            if start + len(core) < len(piece):
+                out.append((piece[start + len(core) :], False))
+    return out
+
+
+def make_backend(cfg: TranslateConfig):
+    if cfg.backend == "hf":
+        h = cfg.hf
+        return HFTranslator(cfg.model, h.batch_size, h.max_new_tokens, h.num_beams, h.device)
+    o = cfg.openai
+    client = ChatClient(
+        o.base_url,
+        cfg.model,
+        o.api_key_env,
+        o.timeout_s,
+        o.retries,
+        o.backoff_s,
+        o.concurrency,
+        o.temperature,
+        o.max_tokens,
+    )
+    return EndpointTranslator(client)
+
+
+def translate(cfg: TranslateConfig, show_progress: bool = True) -> dict[str, Any]:
+    cfg.check_required()
+    for lang in cfg.langs:
+        language_name(lang)  # fails early, with the list of known languages
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "translate_config.yaml")
+    conversations = list(read_conversations(cfg.input))
+    cache = ResponseCache(out / "cache.sqlite")
+    backend = make_backend(cfg)
+    identify = LanguageIdentifier()
+    texts = list(
+        dict.fromkeys(seg for conv in conversations for m in conv.messages for seg, todo in segments(m.content) if todo)
+    )
+    stats: dict[str, Any] = {
+        "input": cfg.input,
+        "conversations": len(conversations),
+        "unique_segments": len(texts),
+        "languages": {},
+    }
+    started = time.perf_counter()
+    try:
+        for lang in cfg.langs:
+            stats["languages"][lang] = _translate_language(
+                cfg, lang, conversations, texts, backend, cache, identify, out, show_progress
+            )
+    finally:
+        cache.close()
+    stats["seconds"] = round(time.perf_counter() - started, 2)
+    atomic_write_json(out / "translate_stats.json", stats)
+    return stats
+
+
+def _translate_language(cfg, lang, conversations, texts, backend, cache, identify, out: Path, show_progress) -> dict:
+    key = {t: ResponseCache.key("translate", cfg.backend, cfg.model, cfg.source_lang, lang, t) for t in texts}
+    done: dict[str, str | LLMError] = {}
+    for t in texts:
+        cached = cache.get(key[t])
+        if cached is not None:
+            done[t] = cached
+    missing = [t for t in texts if t not in done]
+    hits = len(done)
+    bar = tqdm(total=len(missing), unit=" segments", desc=f"translate -> {lang}", disable=not show_progress)
+    for start in range(0, len(missing), CHUNK):
+        chunk = missing[start : start + CHUNK]
+        for text, result in zip(chunk, backend.translate(chunk, lang, cfg.source_lang)):
+            done[text] = result
+            if not isinstance(result, LLMError):
+                cache.put(key[text], result)
+        bar.update(len(chunk))
+    bar.close()
+
+    accepted, rejections, examples = [], Counter(), {}
+    wanted = LANGID_ALIASES.get(lang, {lang})
+    for conv in conversations:
+        translated, failure = _rebuild(conv, lang, done)
+        if failure is None:
+            text = " ".join(m.content.replace(IMAGE_TOKEN, " ") for m in translated.messages)
+            found = identify(text)
+            if found.lang not in wanted or found.score < cfg.min_lang_score:
+                failure = ("wrong_language", f"fastText says {found.lang} ({found.score:.2f}), wanted {lang}")
+        if failure is None:
+            accepted.append(translated)
+        else:
+            rejections[failure[0]] += 1
+            examples.setdefault(failure[0], f"{conv.id}: {failure[1]}"[:300])
+    write_llava_json(accepted, out / f"llava.{lang}.json")
+    return {
+        "translated": len(accepted),
+        "rejections": dict(rejections),
+        "rejection_examples": examples,
+        "segments_from_cache": hits,
+        "segments_translated": len(missing),
+        "output": str(out / f"llava.{lang}.json"),
+    }
+
+
+def _rebuild(conv: Conversation, lang: str, done: dict) -> tuple[Conversation, tuple[str, str] | None]:
+    messages = []
+    for message in conv.messages:
+        parts = []
+        for piece, todo in segments(message.content):
+            if not todo:
+                parts.append(piece)
+                continue
+            result = done[piece]
+            if isinstance(result, LLMError):
+                return conv, ("translation_failed", f"{piece[:60]!r}: {result}")
+            if not result.strip():
+                return conv, ("translation_failed", f"{piece[:60]!r}: empty translation")
+            if IMAGE_TOKEN in result:
+                return conv, ("image_token", f"the translation of {piece[:60]!r} contains {IMAGE_TOKEN}")
+            parts.append(result)
+        messages.append(Message(message.role, "".join(parts)))
+    return Conversation(conv.id, list(conv.images), messages, lang), None
