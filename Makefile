@@ -8,10 +8,13 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 
-# Until `mpm demo` exists: synthesise a small pair set (with deliberately bad rows) and shard it.
+# Until `mpm demo` exists: synthesise a small pair set (with deliberately bad rows) and shard it, then build
+# UniMM-Chat dialogues from synthetic annotation files in the official schemas.
 quickstart: setup
 	$(BIN)/mpm data synth --output runs/quickstart/pairs --num-samples 300
 	$(BIN)/mpm data shard --config configs/data/quickstart.yaml
+	$(BIN)/mpm unimm synth --output runs/quickstart/annotations --num-images 200
+	$(BIN)/mpm unimm build --config configs/unimm/quickstart.yaml
 
 test: setup
 	$(BIN)/ruff check .
@@ -26,3 +29,4 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_shard.py
+	$(BIN)/python benchmarks/bench_unimm.py

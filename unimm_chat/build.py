@@ -13,6 +13,7 @@ Writes into the output folder:
 from __future__ import annotations
 
 import re
+import resource
 import statistics
 import time
 from collections import Counter
@@ -77,6 +78,7 @@ def build(cfg: BuildConfig, show_progress: bool = True) -> dict[str, Any]:
     merged_at = time.perf_counter()
     timings["read"] = read_stats.load_seconds
     timings["merge"] = merged_at - started - read_stats.load_seconds
+    memory = {"read_and_merge": _peak_rss_mb()}
 
     # 2. Generate and validate.
     tally = _Tally()
@@ -121,6 +123,7 @@ def build(cfg: BuildConfig, show_progress: bool = True) -> dict[str, Any]:
     bar.close()
     generated_at = time.perf_counter()
     timings["generate"] = generated_at - merged_at
+    memory["generate"] = _peak_rss_mb()
 
     # 3. Write the exports and the stats.
     conversations = [conv for _, conv in tally.accepted]
@@ -129,9 +132,15 @@ def build(cfg: BuildConfig, show_progress: bool = True) -> dict[str, Any]:
     write_hf_dataset(conversations, out / "dataset")
     timings["write"] = time.perf_counter() - generated_at
     timings["total"] = time.perf_counter() - started
+    memory["write"] = _peak_rss_mb()
     stats = _stats(cfg, records, tally, read_stats, cache_stats, timings)
+    stats["peak_memory_mb"] = memory  # the process's peak resident memory at the end of each phase
     atomic_write_json(out / "stats.json", stats)
     return stats
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
 def _stats(cfg, records, tally: _Tally, read_stats: ReadStats, cache_stats: dict, timings: dict) -> dict[str, Any]:

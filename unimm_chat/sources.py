@@ -53,7 +53,9 @@ class QA:
     sources: list[str]  # the first is the one whose answer is used
     agreement: float | None = None  # share of VQA annotators who gave `answer`
     answer_type: str | None = None  # VQA's "yes/no" | "number" | "other"
-    answers: list[str] = field(default_factory=list)  # every ground-truth answer (for checking generated ones)
+    # Accepted answers, for checking generated ones: the majority answer and any answer at least two annotators
+    # gave (VQA accuracy gives those 2/3 credit or more). Kept deduplicated: VQAv2 alone has 4.4M raw answers.
+    answers: list[str] = field(default_factory=list)
     rationales: list[str] = field(default_factory=list)  # A-OKVQA
 
 
@@ -79,7 +81,10 @@ class ReadStats:
     load_seconds: float = 0.0  # time spent parsing JSON files (the "reading" part of a build's timings)
 
     def add(self, source: str, what: str, n: int = 1) -> None:
-        self.counts.setdefault(source, Counter())[what] += n
+        counter = self.counts.get(source)
+        if counter is None:
+            counter = self.counts[source] = Counter()
+        counter[what] += n
 
     def as_dict(self) -> dict[str, dict[str, int]]:
         return {source: dict(counter) for source, counter in self.counts.items()}
@@ -89,13 +94,17 @@ class ReadStats:
 # Loading and schema checks
 
 
-def load_json(path: str | Path, stats: ReadStats | None = None) -> Any:
+def load_json(path: str | Path, stats: ReadStats | None = None, drop: re.Pattern | None = None) -> Any:
+    """Parse a JSON file; `drop` (a bytes regex) blanks matching parts first (their values become 0)."""
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"{path}: no such file")
     start = time.perf_counter()
     try:
-        return _json.loads(path.read_bytes())
+        data = path.read_bytes()
+        if drop is not None:
+            data = drop.sub(rb'"\1": 0', data)
+        return _json.loads(data)
     except (_JSONDecodeError, UnicodeDecodeError) as exc:
         raise SourceError(f"{path}: not valid JSON ({exc})") from None
     finally:
@@ -124,16 +133,29 @@ def _check_items(items: list, keys: tuple[str, ...], path: Path, where: str, exp
             _need(items[0], key, path, f"{where}[0]", expected)
 
 
-_SPACES = re.compile(r"\s+")
+_NON_WORD = re.compile(r"[^\w\s]")
+
+
+def accepted_answers(majority: str, answers: list[str]) -> list[str]:
+    """The majority answer and every other answer given at least twice (compared after VQA normalisation)."""
+    counts = Counter(normalize_answer(a) for a in answers)
+    out = [majority]
+    seen = {normalize_answer(majority)}
+    for a in answers:
+        norm = normalize_answer(a)
+        if counts[norm] >= 2 and norm not in seen:
+            seen.add(norm)
+            out.append(a)
+    return out
 
 
 def question_key(question: str) -> str:
     """Questions are the same when they match after lower-casing and dropping punctuation and extra spaces."""
-    return _SPACES.sub(" ", re.sub(r"[^\w\s]", " ", question.lower())).strip()
+    return " ".join(_NON_WORD.sub(" ", question.lower()).split())
 
 
 def clean_text(text: Any) -> str:
-    return _SPACES.sub(" ", text).strip() if isinstance(text, str) else ""
+    return " ".join(text.split()) if isinstance(text, str) else ""  # collapses runs of whitespace; faster than re
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,9 +175,9 @@ def read_coco_captions(path: str | Path, stats: ReadStats) -> tuple[dict[int, st
     stats.add("coco_captions", "images", len(file_names))
 
     def captions() -> Iterator[tuple[int, str]]:
+        stats.add("coco_captions", "captions_read", len(annotations))
         for ann in annotations:
             caption = clean_text(ann.get("caption"))
-            stats.add("coco_captions", "captions_read")
             if not caption:
                 stats.add("coco_captions", "skipped_empty_caption")
                 continue
@@ -178,8 +200,8 @@ def read_vqa(
     annotations = _need_list(load_json(apath, stats), "annotations", apath, "the file", expected_a)
     _check_items(annotations, ("question_id", "image_id", "answers"), apath, "annotations", expected_a)
     answered = set()
+    stats.add(source, "annotations_read", len(annotations))
     for ann in annotations:
-        stats.add(source, "annotations_read")
         q = by_id.get(ann["question_id"])
         if q is None:
             stats.add(source, "skipped_annotation_without_question")
@@ -204,7 +226,7 @@ def read_vqa(
                 sources=[source],
                 agreement=round(agreement, 2),
                 answer_type=ann.get("answer_type"),
-                answers=answers,
+                answers=accepted_answers(answer, answers),
             ),
         )
     stats.add(source, "skipped_question_without_annotation", len(by_id) - len(answered))
@@ -245,13 +267,16 @@ def read_aokvqa(path: str | Path, stats: ReadStats) -> Iterator[tuple[int, QA]]:
                 answer=answer,
                 sources=["aokvqa"],
                 agreement=None if agreement is None else round(agreement, 2),
-                answers=[answer, *direct],
+                answers=accepted_answers(answer, direct),
                 rationales=rationales,
             ),
         )
 
 
 _LOWER_I = re.compile(r"\bi\b")
+# VisDial 1.0 lists 100 candidate answers for every round: about 80% of the file and 123M integers once parsed
+# (several GB in Python). Dialogues never use them, so they are blanked in the raw bytes before parsing.
+_ANSWER_OPTIONS = re.compile(rb'"(answer_options)"\s*:\s*\[[^\]]*\]')
 
 
 def _visdial_text(text: str) -> str:
@@ -263,17 +288,27 @@ def read_visdial(path: str | Path, stats: ReadStats) -> tuple[Iterator[tuple[int
     """(captions, question-answer rounds). Rounds without an answer (the test split's last round) are skipped."""
     path = Path(path)
     expected = "VisDial 1.0: {data: {dialogs: [{image_id, caption, dialog: [{question, answer}]}], questions, answers}}"
-    data = _need(load_json(path, stats), "data", path, "the file", expected)
+    data = _need(load_json(path, stats, drop=_ANSWER_OPTIONS), "data", path, "the file", expected)
     dialogs = _need_list(data, "dialogs", path, "data", expected)
     questions = _need_list(data, "questions", path, "data", expected)
     answers = _need_list(data, "answers", path, "data", expected)
     _check_items(dialogs, ("image_id", "dialog"), path, "data.dialogs", expected)
     captions = [(int(d["image_id"]), _visdial_text(d.get("caption"))) for d in dialogs if clean_text(d.get("caption"))]
 
+    cleaned: dict[tuple[int, int], str] = {}  # (table, index) -> text: the tables are shared by many rounds
+
+    def text(table: int, index: int) -> str:
+        value = cleaned.get((table, index))
+        if value is None:
+            value = cleaned[(table, index)] = _visdial_text((questions, answers)[table][index])
+        return value
+
     def rounds() -> Iterator[tuple[int, QA]]:
+        read = used = 0
         for dialog in dialogs:
+            image_id = int(dialog["image_id"])
             for turn in dialog["dialog"]:
-                stats.add("visdial", "rounds_read")
+                read += 1
                 qi, ai = turn.get("question"), turn.get("answer")
                 if ai is None:
                     stats.add("visdial", "skipped_no_answer")
@@ -283,15 +318,14 @@ def read_visdial(path: str | Path, stats: ReadStats) -> tuple[Iterator[tuple[int
                 ):
                     stats.add("visdial", "skipped_bad_index")
                     continue
-                question, answer = _visdial_text(questions[qi]), _visdial_text(answers[ai])
+                question, answer = text(0, qi), text(1, ai)
                 if not question or not answer:
                     stats.add("visdial", "skipped_empty_question_or_answer")
                     continue
-                stats.add("visdial", "used")
-                yield (
-                    int(dialog["image_id"]),
-                    QA(question=question, answer=answer, sources=["visdial"], answers=[answer]),
-                )
+                used += 1
+                yield image_id, QA(question=question, answer=answer, sources=["visdial"], answers=[answer])
+        stats.add("visdial", "rounds_read", read)
+        stats.add("visdial", "used", used)
 
     return iter(captions), rounds()
 
@@ -337,7 +371,7 @@ def merge_sources(paths: SourcesConfig, stats: ReadStats) -> dict[int, ImageReco
         kept = rec.qas[position]  # asked before by a source read earlier: merge into it
         stats.add(qa.sources[0], "merged_duplicate_question")
         kept.sources += [s for s in qa.sources if s not in kept.sources]
-        kept.answers += qa.answers
+        kept.answers += [a for a in qa.answers if a not in kept.answers]
         kept.rationales += [r for r in qa.rationales if r not in kept.rationales]
 
     file_names: dict[int, str] = {}

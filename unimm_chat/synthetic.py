@@ -14,16 +14,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-try:
-    import orjson as _json
+import numpy as np
+import orjson as _json
 
-    def _dump(obj, path: Path) -> None:
-        path.write_bytes(_json.dumps(obj))
-except ImportError:  # pragma: no cover - orjson is a dependency
-    import json as _json
 
-    def _dump(obj, path: Path) -> None:
-        path.write_text(_json.dumps(obj), encoding="utf-8")
+def _dump(obj, path: Path) -> None:
+    path.write_bytes(_json.dumps(obj))
 
 
 @dataclass(frozen=True)
@@ -115,21 +111,68 @@ def _vqa_items(scene: Scene, colour: str, count: int, rng: random.Random) -> lis
     ]
 
 
-def write_annotations(folder: str | Path, num_images: int, seed: int = 0, first_image_id: int = 9) -> dict[str, Path]:
-    """Write the five sources' files into `folder`; returns {flag-style name: path}."""
+def write_annotations(
+    folder: str | Path,
+    num_images: int,
+    seed: int = 0,
+    first_image_id: int = 9,
+    visdial_only_images: int = 0,
+    visdial_answer_table: int = 2_000,
+) -> dict[str, Path]:
+    """Write the five sources' files into `folder`; returns {source name: path}.
+
+    `visdial_only_images` adds images that only Visual Dialog knows (VisDial 1.0 train has 123k images, COCO 2017
+    train 118k); `visdial_answer_table` is the size of the answer table its 100 answer options per round index
+    (337,527 in VisDial 1.0 train).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     images, captions = [], []
-    vqa_q, vqa_a, ok_q, ok_a, aok, dialogs = [], [], [], [], [], []
+    vqa_q, vqa_a, ok_q, ok_a, aok = [], [], [], [], []
+    # Visual Dialog is streamed to disk: with its 100 answer options per round it is the biggest file.
+    visdial_path = folder / "visdial_1.0_train.json"
+    visdial = open(visdial_path, "wb")  # noqa: SIM115 - closed below, after the tables are written
+    visdial.write(b'{"version": "1.0", "split": "train", "data": {"dialogs": [')
+    options_rng = np.random.default_rng(seed)
+
+    def add_dialog(image_id: int, caption: str, rounds: list[tuple[str, str]]) -> None:
+        turns = []
+        for q, a in rounds:
+            options = options_rng.integers(0, visdial_answer_table, 100)  # 100 candidate answers per round
+            gt = int(options_rng.integers(0, 100))
+            options[gt] = table(vd_answers, a)
+            turns.append(
+                {
+                    "question": table(vd_questions, q),
+                    "answer": int(options[gt]),
+                    "answer_options": options,
+                    "gt_index": gt,
+                }
+            )
+        if visdial.tell() > 60:
+            visdial.write(b",")
+        visdial.write(
+            _json.dumps({"image_id": image_id, "caption": caption, "dialog": turns}, option=_json.OPT_SERIALIZE_NUMPY)
+        )
+
     vd_questions: dict[str, int] = {}
     vd_answers: dict[str, int] = {}
 
     def table(store: dict[str, int], text: str) -> int:
         return store.setdefault(text, len(store))
 
-    ids = [first_image_id + 7 * i for i in range(num_images)]
+    ids = [first_image_id + 7 * i for i in range(num_images + visdial_only_images)]
     for n, image_id in enumerate(ids):
+        if n >= num_images:  # only in Visual Dialog
+            scene = SCENES[rng.randrange(len(SCENES))]
+            rounds = [
+                ("is the photo in color", "yes"),
+                (f"is there a {scene.subject}", "yes"),
+                ("is it sunny", "i think so"),
+            ]
+            add_dialog(image_id, f"a {scene.subject} {scene.activity}", rounds * 3 + rounds[:1])
+            continue
         scene = SCENES[rng.randrange(len(SCENES))]
         colour, count = rng.choice(COLOURS), rng.randint(0, 6)
         images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "height": 480, "width": 640})
@@ -178,10 +221,7 @@ def write_annotations(folder: str | Path, num_images: int, seed: int = 0, first_
             ("is this indoors", "no" if scene.place not in ("kitchen", "living room") else "yes"),
             (f"can you see the {scene.place}", "yes"), ("is there any text", "no, i don't see any"), ("anything else", "not really"),
         ]  # fmt: skip
-        dialogs.append({
-            "image_id": image_id, "caption": captions[-1]["caption"].lower().rstrip("."),
-            "dialog": [{"question": table(vd_questions, q), "answer": table(vd_answers, a), "gt_index": 0} for q, a in rounds],
-        })  # fmt: skip
+        add_dialog(image_id, captions[-1]["caption"].lower().rstrip("."), rounds)
 
     paths = {
         "coco_captions": folder / "captions_train2017.json",
@@ -190,7 +230,7 @@ def write_annotations(folder: str | Path, num_images: int, seed: int = 0, first_
         "okvqa_questions": folder / "OpenEnded_mscoco_train2014_questions.json",
         "okvqa_annotations": folder / "mscoco_train2014_annotations.json",
         "aokvqa": folder / "aokvqa_v1p0_train.json",
-        "visdial": folder / "visdial_1.0_train.json",
+        "visdial": visdial_path,
     }
     info = {"description": "synthetic annotations written by unimm_chat.synthetic", "version": "1.0"}
     _dump({"info": info, "images": images, "annotations": captions}, paths["coco_captions"])
@@ -201,12 +241,9 @@ def write_annotations(folder: str | Path, num_images: int, seed: int = 0, first_
     _dump({"info": info, "questions": ok_q}, paths["okvqa_questions"])
     _dump({"info": info, "annotations": ok_a}, paths["okvqa_annotations"])
     _dump(aok, paths["aokvqa"])
-    _dump(
-        {
-            "version": "1.0",
-            "split": "train",
-            "data": {"dialogs": dialogs, "questions": list(vd_questions), "answers": list(vd_answers)},
-        },
-        paths["visdial"],
+    answers = list(vd_answers) + [f"answer option {i}" for i in range(len(vd_answers), visdial_answer_table)]
+    visdial.write(
+        b'], "questions": ' + _json.dumps(list(vd_questions)) + b', "answers": ' + _json.dumps(answers) + b"}}"
     )
+    visdial.close()
     return paths

@@ -138,6 +138,7 @@ _SENTENCE = re.compile(
     r"walks|runs|flies|waits|carries|wears|contains|sit|stand|ride|eat|play|walk|run|fly|wait|carry|wear)\b",
     re.IGNORECASE,
 )
+_COLOUR_Q, _DOING_Q, _WORDS = re.compile(r"what colou?r"), re.compile(r"\bdoing\b"), re.compile(r"[a-z]+")
 _AUX = (
     "is",
     "are",
@@ -193,9 +194,9 @@ def classify(qa: QA) -> AnswerKind:
         return AnswerKind("verbatim", answer)  # a person's own conversational answer: used as written
     if norm.isdigit():
         return AnswerKind("how_many" if q.startswith("how many") else "number", norm)
-    if re.match(r"what colou?r", q):
+    if _COLOUR_Q.match(q):
         return AnswerKind("colour", answer)
-    if re.search(r"\bdoing\b", q):
+    if _DOING_Q.search(q):
         return AnswerKind("doing", answer)
     if q.startswith(("what", "which", "who", "whose")):
         return AnswerKind("what", answer)
@@ -224,11 +225,11 @@ class TemplateGenerator:
 
     # 1. the description --------------------------------------------------------------------------------------
     def describe(self, captions: list[str], rng: random.Random, patterns: set[str]) -> str:
-        ranked = sorted(captions, key=lambda c: -len(set(re.findall(r"[a-z]+", c.lower()))))
+        ranked = sorted(captions, key=lambda c: -len(set(_WORDS.findall(c.lower()))))
         main, extras = ranked[0], []
-        seen = set(re.findall(r"[a-z]+", main.lower()))
+        seen = set(_WORDS.findall(main.lower()))
         for caption in ranked[1:]:
-            words = set(re.findall(r"[a-z]+", caption.lower()))
+            words = set(_WORDS.findall(caption.lower()))
             if len(extras) < 2 and len(words - seen) >= max(2, len(words) // 3):  # adds something new
                 extras.append(caption)
                 seen |= words

@@ -54,7 +54,7 @@ def answer_agrees(answer_text: str, qa: QA) -> bool:
         said_no = bool(_NO.search(reply))
         said_yes = bool(_YES.search(reply)) and not reply.startswith("no")
         return said_yes and not said_no if truth == "yes" else said_no
-    accepted = {truth, *(normalize_answer(a) for a in qa.answers if qa.answers.count(a) >= 2)}
+    accepted = {truth, *(normalize_answer(a) for a in qa.answers)}
     words = f" {reply} "  # normalisation already turned number words into digits ("three" -> "3")
     if "0" in accepted and _NONE.search(reply):  # "There aren't any." answers "how many ...?" with 0
         return True
@@ -76,10 +76,9 @@ def validate(conv: Conversation, record: ImageRecord, min_turns: int) -> tuple[s
     counts = [m.content.count(IMAGE_TOKEN) for m in messages]
     if counts[0] != 1 or sum(counts) != 1:
         return "image_token", f"{IMAGE_TOKEN} counts per turn: {counts}"
-    for i, message in enumerate(messages):
-        leak = LEAKS.search(message.content)
-        if leak and message.role == "assistant":
-            return "annotation_leak", f"turn {i}: {leak.group(0)!r}"
+    leak = LEAKS.search("\n".join(m.content for m in messages if m.role == "assistant"))  # one search, not one per turn
+    if leak:
+        return "annotation_leak", f"{leak.group(0)!r} in an assistant turn"
     assistant_words = sum(len(m.content.split()) for m in messages if m.role == "assistant")
     if len(messages) // 2 < min_turns or assistant_words < 3:
         return "too_short", f"{len(messages) // 2} exchanges, {assistant_words} assistant words"

@@ -6,6 +6,7 @@ from dataproc.config import ConfigError, diff_configs, load_config, save_config
 from dataproc.sharder import ShardConfig
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "data").glob("*.yaml"))
+UNIMM_CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "unimm").glob("*.yaml"))
 
 
 def test_defaults_then_yaml_then_flags_then_overrides(tmp_path):
@@ -66,3 +67,11 @@ def test_saved_config_round_trips_and_diffs(tmp_path):
 def test_every_shipped_data_config_loads(path):
     cfg = load_config(ShardConfig, path)
     assert cfg.resize.image_size > 0
+
+
+@pytest.mark.parametrize("path", UNIMM_CONFIGS, ids=[p.name for p in UNIMM_CONFIGS])
+def test_every_shipped_unimm_config_loads(path):
+    from unimm_chat.config import BuildConfig, TranslateConfig
+
+    schema = TranslateConfig if path.name.startswith("translate") else BuildConfig
+    assert load_config(schema, path) is not None

@@ -8,9 +8,9 @@ RECORD = ImageRecord(
     image_id=1,
     captions=["A red bus on a street."],
     qas=[
-        QA("What color is the bus?", "red", ["vqav2"], 0.9, "other", ["red"] * 9 + ["orange"]),
-        QA("Is it raining?", "no", ["vqav2"], 1.0, "yes/no", ["no"] * 10),
-        QA("How many buses are there?", "1", ["vqav2"], 1.0, "number", ["1"] * 10),
+        QA("What color is the bus?", "red", ["vqav2"], 0.9, "other", ["red"]),
+        QA("Is it raining?", "no", ["vqav2"], 1.0, "yes/no", ["no"]),
+        QA("How many buses are there?", "1", ["vqav2"], 1.0, "number", ["1"]),
         QA("how many people", "none", ["visdial"], answers=["none"]),
     ],
 )
