@@ -175,7 +175,7 @@ def as_question(question: str) -> str:
 
 def as_sentence(text: str) -> str:
     text = upper_first(text.strip())
-    return text if text[-1:] in ".!?" else text + "."
+    return text if text[-1:] in ".!?。！？" else text + "."
 
 
 @dataclass
@@ -240,6 +240,8 @@ class TemplateGenerator:
 
     def _clause(self, caption: str, slot: str, np_pool, sentence_pool, rng, patterns) -> str:
         text = caption.strip().rstrip(".")
+        if not _WORDS.search(text.lower()):
+            return as_sentence(caption.strip())  # not English (a Chinese caption, say): the annotator's words as they are
         if _SENTENCE.search(text):
             if sentence_pool is None:
                 return as_sentence(text)  # already a sentence: the annotator's own words
