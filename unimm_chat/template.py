@@ -241,7 +241,9 @@ class TemplateGenerator:
     def _clause(self, caption: str, slot: str, np_pool, sentence_pool, rng, patterns) -> str:
         text = caption.strip().rstrip(".")
         if not _WORDS.search(text.lower()):
-            return as_sentence(caption.strip())  # not English (a Chinese caption, say): the annotator's words as they are
+            return as_sentence(
+                caption.strip()
+            )  # not English (a Chinese caption, say): the annotator's words as they are
         if _SENTENCE.search(text):
             if sentence_pool is None:
                 return as_sentence(text)  # already a sentence: the annotator's own words

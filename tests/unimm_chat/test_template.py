@@ -102,6 +102,8 @@ def test_no_phrasing_pattern_in_more_than_a_fifth_of_dialogues(tmp_path):
 
 
 def test_non_english_captions_pass_through_untouched():
-    rec = ImageRecord(image_id=3, captions=["一只猫坐在垫子上。"], qas=[QA("Is it a cat?", "yes", ["vqav2"], 1.0, "yes/no", ["yes"])])
+    rec = ImageRecord(
+        image_id=3, captions=["一只猫坐在垫子上。"], qas=[QA("Is it a cat?", "yes", ["vqav2"], 1.0, "yes/no", ["yes"])]
+    )
     conv, _ = TemplateGenerator().generate(rec)
     assert conv.messages[1].content == "一只猫坐在垫子上。"

@@ -105,3 +105,17 @@ def test_config_errors():
     cfg = load_config(TranslateConfig, None, {"input": "x", "output": "y", "model": "m", "langs": ["en"]})
     with pytest.raises(ConfigError, match="includes the source language"):
         cfg.check_required()
+
+
+def test_cli_translate(tmp_path, chat_server, capsys):
+    from mpm.cli import main
+
+    server = chat_server(lambda body: CHINESE)
+    write_llava_json(SOURCE, tmp_path / "llava.json")
+    args = ["unimm", "translate", "--input", str(tmp_path / "llava.json"), "--langs", "zh", "--backend", "openai",
+            "--base-url", server.base_url, "--model", "fake-mt", "--output", str(tmp_path / "mt"), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    assert "zh: 2 of 2 conversations (rejected: none)" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "mt" / "llava.zh.json").read_text(encoding="utf-8"))) == 2
+    assert main([*args[:3], str(tmp_path / "missing.json"), *args[4:]]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
