@@ -17,17 +17,6 @@ from dataproc.vqa_answers import normalize_answer
 from unimm_chat.conversations import IMAGE_TOKEN, Conversation
 from unimm_chat.sources import QA, ImageRecord, question_key
 
-REASONS = (
-    "unparseable",
-    "prompt_echo",
-    "llm_error",
-    "not_alternating",
-    "empty_turn",
-    "image_token",
-    "annotation_leak",
-    "too_short",
-    "inconsistent_answer",
-)
 LEAKS = re.compile(
     r"\baccording to the (caption|annotation|description|data|information|text|labels?)s?\b"
     r"|\bthe (captions?|annotations?|annotators?|ground[- ]truth|rationales?)\b"
