@@ -27,7 +27,12 @@ RETRY_STATUSES = (408, 409, 429, 500, 502, 503, 504)
 
 
 class LLMError(Exception):
-    """A request failed for good (after its retries), with the reason."""
+    """A request failed for good (after its retries), with the reason. `fatal` errors (bad key, unknown model or
+    URL) will fail every other request the same way: callers should stop rather than go on."""
+
+    def __init__(self, message: str, fatal: bool = False):
+        super().__init__(message)
+        self.fatal = fatal
 
 
 class ResponseCache:
@@ -91,7 +96,8 @@ class ChatClient:
         self.pool = urllib3.PoolManager(maxsize=concurrency, retries=False)
 
     def cache_key(self, messages: list[dict], tag: str = "") -> str:
-        return ResponseCache.key(self.url, self.model, self.params, messages, tag)
+        # Not the URL: the same model served from another host or port gives the same answers.
+        return ResponseCache.key(self.model, self.params, messages, tag)
 
     def complete(self, messages: list[dict]) -> str:
         """One chat completion, retried on transient failures. Raises LLMError."""
@@ -111,6 +117,12 @@ class ChatClient:
                         return _content(resp.data)
                     except (ValueError, KeyError, IndexError, TypeError) as exc:
                         last = f"malformed response ({exc}): {resp.data[:200]!r}"
+                elif resp.status in (401, 403, 404):
+                    raise LLMError(
+                        f"HTTP {resp.status} from {self.url} (model {self.model!r}): check the URL, the model name and "
+                        f"the API key environment variable. {resp.data[:200]!r}",
+                        fatal=True,
+                    )
                 elif resp.status in RETRY_STATUSES:
                     last = f"HTTP {resp.status}: {resp.data[:200]!r}"
                     retry_after = resp.headers.get("Retry-After", "")
@@ -127,20 +139,22 @@ class ChatClient:
     ) -> Iterator[tuple[str, str | LLMError, bool]]:
         """(cache key, messages) in; (cache key, text or LLMError, from_cache) out, in input order.
 
-        At most `concurrency` requests are in flight; cached answers are returned without a request.
+        At most `concurrency` requests are in flight; answers found in `cache` are returned without a request.
+        Nothing is stored here: the caller caches what it accepts.
         """
         requests = iter(requests)
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="llm") as pool:
-            pending: collections.deque = collections.deque()
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="llm")
+        pending: collections.deque = collections.deque()
 
-            def submit(item):
-                key, messages = item
-                cached = cache.get(key) if cache is not None else None
-                if cached is not None:
-                    pending.append((key, None, cached))
-                else:
-                    pending.append((key, pool.submit(self._complete_and_store, key, messages, cache), None))
+        def submit(item):
+            key, messages = item
+            cached = cache.get(key) if cache is not None else None
+            if cached is not None:
+                pending.append((key, None, cached))
+            else:
+                pending.append((key, pool.submit(self._complete_or_error, messages), None))
 
+        try:
             for item in itertools.islice(requests, 4 * self.concurrency):
                 submit(item)
             while pending:
@@ -151,20 +165,22 @@ class ChatClient:
                     yield key, cached, True
                 else:
                     yield key, future.result(), False
+        finally:  # Ctrl-C, an abort, or the caller stopping early: drop what has not started
+            pool.shutdown(wait=False, cancel_futures=True)
 
-    def _complete_and_store(self, key: str, messages: list[dict], cache: ResponseCache | None) -> str | LLMError:
+    def _complete_or_error(self, messages: list[dict]) -> str | LLMError:
         try:
-            text = self.complete(messages)
+            return self.complete(messages)
         except LLMError as exc:
             return exc
-        if cache is not None:
-            cache.put(key, text)
-        return text
 
 
 def _content(data: bytes) -> str:
     payload = json.loads(data)
-    content = payload["choices"][0]["message"]["content"]
+    choice = payload["choices"][0]
+    content = choice["message"]["content"]
     if not isinstance(content, str):
         raise TypeError(f"message content is {type(content).__name__}")
-    return content
+    if choice.get("finish_reason") == "length":
+        raise LLMError("the reply was cut at max_tokens: raise max_tokens (openai.max_tokens)")
+    return content.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate would break every writer

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from dataproc.config import ConfigError
 from dataproc.llm_client import ChatClient, LLMError
 
 # ISO 639-1 -> (English name, FLORES-200 code used by NLLB-200). Codes from the NLLB-200 model card's language
@@ -42,9 +43,13 @@ LANGUAGES = {
 LANGID_ALIASES = {"zh": {"zh", "yue", "wuu"}}
 
 
+class TranslationError(Exception):
+    """One segment could not be translated (the request failed, or the output was cut short)."""
+
+
 def language_name(code: str) -> str:
     if code not in LANGUAGES:
-        raise ValueError(f"no translation mapping for language {code!r}; known: {sorted(LANGUAGES)}")
+        raise ConfigError(f"no translation mapping for language {code!r}; known: {sorted(LANGUAGES)}")
     return LANGUAGES[code][0]
 
 
@@ -77,7 +82,7 @@ class HFTranslator:
             self.family = "marian"
             self.target_tokens = {t for t in vocab if t.startswith(">>") and t.endswith("<<")}
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"{model}: translation models of type {model_type!r} are not supported; use an NLLB, M2M100 or "
                 "Marian checkpoint, or --backend openai"
             )
@@ -101,21 +106,37 @@ class HFTranslator:
         ):
             if token in self.target_tokens:
                 return {}, token + " "
-        raise ValueError(
+        raise ConfigError(
             f"this Marian model has no target token for {target!r} (it knows {sorted(self.target_tokens)[:20]})"
         )
 
-    def translate(self, texts: Sequence[str], target: str, source: str = "en") -> list[str]:
+    @property
+    def settings(self) -> tuple:
+        """What changes the output: part of every cache key."""
+        return ("hf", self.family, self.max_new_tokens, self.num_beams)
+
+    def translate(self, texts: Sequence[str], target: str, source: str = "en") -> list[str | TranslationError]:
         kwargs, prefix = self._setup(source, target)
-        out: list[str] = []
+        limit = self.tokenizer.model_max_length
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        out: list[str | TranslationError] = []
         for start in range(0, len(texts), self.batch_size):
             batch = [prefix + t for t in texts[start : start + self.batch_size]]
+            lengths = [len(ids) for ids in self.tokenizer(batch)["input_ids"]]
             enc = self.tokenizer(batch, return_tensors="pt", padding=True, truncation=True).to(self.device)
             with self.torch.no_grad():
                 generated = self.model.generate(
                     **enc, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, **kwargs
                 )
-            out += [t.strip() for t in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+            decoded = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+            for length, ids, text in zip(lengths, generated.tolist(), decoded):
+                if length > limit:
+                    out.append(TranslationError(f"the segment has {length} tokens; the model reads at most {limit}"))
+                elif eos_ids and not eos_ids & set(ids):  # no end-of-sequence: generation stopped at the limit
+                    out.append(TranslationError(f"the translation was cut at max_new_tokens={self.max_new_tokens}"))
+                else:
+                    out.append(text.strip())
         return out
 
 
@@ -130,13 +151,18 @@ class EndpointTranslator:
     def __init__(self, client: ChatClient):
         self.client = client
 
+    @property
+    def settings(self) -> tuple:
+        """What changes the output: part of every cache key."""
+        return ("openai", self.PROMPT, self.client.params)
+
     def messages(self, text: str, target: str, source: str) -> list[dict]:
         prompt = self.PROMPT.format(source=language_name(source), target=language_name(target), text=text)
         return [{"role": "user", "content": prompt}]
 
-    def translate(self, texts: Sequence[str], target: str, source: str = "en") -> list[str | LLMError]:
+    def translate(self, texts: Sequence[str], target: str, source: str = "en") -> list[str | TranslationError]:
         requests = ((str(i), self.messages(t, target, source)) for i, t in enumerate(texts))
         return [
-            reply if isinstance(reply, LLMError) else reply.strip()
+            TranslationError(str(reply)) if isinstance(reply, LLMError) else reply.strip()
             for _, reply, _ in self.client.complete_many(requests)
         ]

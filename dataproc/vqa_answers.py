@@ -76,9 +76,11 @@ _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 @functools.lru_cache(maxsize=262_144)  # VQA answers repeat a lot ("yes", "2", "white"): 4.4M answers in VQAv2 train
 def normalize_answer(answer: str) -> str:
     """The official VQA normalisation: punctuation, number words to digits, articles dropped, contractions fixed."""
-    text = answer.replace("\n", " ").replace("\t", " ").strip()
+    original = answer.replace("\n", " ").replace("\t", " ").strip()
+    text = original
     for p in PUNCTUATION:
-        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
+        # as the official processPunctuation: the test looks at the original text, the replacement at the result
+        if (p + " " in original or " " + p in original) or _COMMA_STRIP.search(original) is not None:
             text = text.replace(p, "")
         else:
             text = text.replace(p, " ")

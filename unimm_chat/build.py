@@ -33,6 +33,7 @@ from unimm_chat.template import TemplateGenerator
 from unimm_chat.validate import validate
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
+MAX_ERRORS_IN_A_ROW = 25  # an endpoint that fails this many requests in a row is down or misconfigured
 
 
 def image_name(record: ImageRecord, pattern: str) -> str:
@@ -54,13 +55,14 @@ class _Tally:
         self.rejections[reason] += 1
         self.examples.setdefault(reason, f"image {record.image_id}: {detail}"[:300])
 
-    def offer(self, record: ImageRecord, conv: Conversation, min_turns: int, patterns=()) -> None:
-        failure = validate(conv, record, min_turns)
+    def offer(self, record: ImageRecord, conv: Conversation, cfg: BuildConfig, patterns=()) -> bool:
+        failure = validate(conv, record, cfg.min_turns, cfg.min_vqa_agreement)
         if failure:
             self.reject(failure[0], record, failure[1])
-        else:
-            self.accepted.append((record, conv))
-            self.patterns.update(patterns)
+            return False
+        self.accepted.append((record, conv))
+        self.patterns.update(patterns)
+        return True
 
 
 def build(cfg: BuildConfig, show_progress: bool = True) -> dict[str, Any]:
@@ -99,27 +101,10 @@ def build(cfg: BuildConfig, show_progress: bool = True) -> dict[str, Any]:
                 tally.reject("no_usable_annotations", record, "no captions and no question with a confident answer")
             else:
                 conv.images = [names[record.image_id]]
-                tally.offer(record, conv, cfg.min_turns, patterns)
+                tally.offer(record, conv, cfg, patterns)
             bar.update()
     else:
-        cache = ResponseCache(out / "cache.sqlite")
-        if cfg.generator == "openai":
-            generator = OpenAIGenerator(cfg.openai, cfg.min_turns, cfg.max_turns, cache)
-        else:
-            generator = HFGenerator(cfg.hf, cfg.min_turns, cfg.max_turns, cache)
-        hits = 0
-        for record, reply, cached in generator.replies(usable):
-            hits += cached
-            if isinstance(reply, LLMError):
-                tally.reject("llm_error", record, str(reply))
-            else:
-                try:
-                    tally.offer(record, to_conversation(record, reply, names[record.image_id]), cfg.min_turns)
-                except ParseError as exc:
-                    tally.reject(exc.reason, record, exc.detail)
-            bar.update()
-        cache.close()
-        cache_stats = {"cached_replies_used": hits, "new_requests": len(usable) - hits}
+        cache_stats = _generate_with_llm(cfg, usable, names, tally, bar, out / "cache.sqlite")
     bar.close()
     generated_at = time.perf_counter()
     timings["generate"] = generated_at - merged_at
@@ -137,6 +122,45 @@ def build(cfg: BuildConfig, show_progress: bool = True) -> dict[str, Any]:
     stats["peak_memory_mb"] = memory  # the process's peak resident memory at the end of each phase
     atomic_write_json(out / "stats.json", stats)
     return stats
+
+
+class EndpointFailing(RuntimeError):
+    """The LLM fails every request the same way (bad key, model, URL, or a server that is down): stop early."""
+
+
+def _generate_with_llm(cfg: BuildConfig, records, names, tally: _Tally, bar, cache_path: Path) -> dict[str, int]:
+    """Ask the LLM (or the cache) for each record's dialogue. Only accepted replies are cached: a rerun asks
+    again for the images whose replies failed or were rejected, and never for the others."""
+    cache = ResponseCache(cache_path)
+    if cfg.generator == "openai":
+        generator = OpenAIGenerator(cfg.openai, cfg, cache)
+    else:
+        generator = HFGenerator(cfg.hf, cfg, cache)
+    hits = errors_in_a_row = 0
+    try:
+        for record, key, reply, cached in generator.replies(records):
+            hits += cached
+            bar.update()
+            if isinstance(reply, LLMError):
+                errors_in_a_row += 1
+                tally.reject("llm_error", record, str(reply))
+                if reply.fatal or errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
+                    raise EndpointFailing(
+                        f"stopping: {'this error' if reply.fatal else f'{errors_in_a_row} requests in a row'} failed "
+                        f"({reply}). Fix the endpoint settings and rerun: accepted replies are cached in {cache_path}."
+                    )
+                continue
+            errors_in_a_row = 0
+            try:
+                conv = to_conversation(record, reply, names[record.image_id])
+            except ParseError as exc:
+                tally.reject(exc.reason, record, exc.detail)
+                continue
+            if tally.offer(record, conv, cfg) and not cached:
+                cache.put(key, reply)
+    finally:
+        cache.close()
+    return {"cached_replies_used": hits, "new_requests": len(records) - hits}
 
 
 def _peak_rss_mb() -> float:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from dataproc.config import ConfigError, check_choice, check_range
 from dataproc.langid import LID176_LANGUAGES
+from dataproc.translate import LANGUAGES
 
 GENERATORS = ("template", "hf", "openai")
 BACKENDS = ("hf", "openai")
@@ -107,9 +108,13 @@ class TranslateConfig:
     def __post_init__(self):
         check_choice("backend", self.backend, BACKENDS)
         self.langs = [lang.strip().lower() for lang in self.langs if lang.strip()]
-        unknown = [lang for lang in [*self.langs, self.source_lang] if lang not in LID176_LANGUAGES]
+        unknown = [
+            lang for lang in [*self.langs, self.source_lang] if lang not in LANGUAGES or lang not in LID176_LANGUAGES
+        ]
         if unknown:
-            raise ConfigError(f"unknown language codes {unknown}: use ISO 639-1 codes such as zh, de, fr, ja")
+            raise ConfigError(
+                f"unknown language codes {unknown}: use ISO 639-1 codes translation knows: {', '.join(sorted(LANGUAGES))}"
+            )
         check_range("min_lang_score", self.min_lang_score, 0, 1)
 
     def check_required(self) -> None:

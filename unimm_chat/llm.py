@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataproc.llm_client import ChatClient, LLMError, ResponseCache
 from unimm_chat.config import HFGeneratorConfig, OpenAIConfig
 from unimm_chat.conversations import FROM_TO_ROLE, IMAGE_TOKEN, Conversation, Message
-from unimm_chat.sources import ImageRecord
+from unimm_chat.sources import ImageRecord, usable_qas
 
 SYSTEM_PROMPT = (
     "You write training conversations for a multimodal assistant. You are given the annotations of one image: "
@@ -42,14 +42,15 @@ class ParseError(Exception):
         self.reason, self.detail = reason, detail
 
 
-def annotations_text(record: ImageRecord) -> str:
+def annotations_text(record: ImageRecord, min_vqa_agreement: float) -> str:
     lines = [ANNOTATION_START]
     if record.captions:
         lines.append("Captions:")
         lines += [f"- {c}" for c in record.captions]
-    if record.qas:
+    qas = usable_qas(record.qas, min_vqa_agreement)  # as the template generator and the validator do
+    if qas:
         lines.append("Questions and answers:")
-        for qa in record.qas:
+        for qa in qas:
             line = f"- Q: {qa.question} A: {qa.answer}"
             if qa.rationales:
                 line += f" (reasoning: {qa.rationales[0]})"
@@ -58,35 +59,55 @@ def annotations_text(record: ImageRecord) -> str:
     return "\n".join(lines)
 
 
-def build_prompt(record: ImageRecord, min_turns: int, max_turns: int) -> list[dict]:
-    user = f"{annotations_text(record)}\n\n{RULES.format(min_turns=min_turns, max_turns=max_turns)}"
+def build_prompt(record: ImageRecord, min_turns: int, max_turns: int, min_vqa_agreement: float) -> list[dict]:
+    user = f"{annotations_text(record, min_vqa_agreement)}\n\n{RULES.format(min_turns=min_turns, max_turns=max_turns)}"
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
-_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.MULTILINE)
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)  # reasoning models think out loud before answering
+_DECODER = json.JSONDecoder()
+
+
+def _turns_of(obj) -> list | None:
+    if isinstance(obj, list):
+        return obj
+    if isinstance(obj, dict):
+        for key in ("conversation", "conversations", "messages"):
+            if isinstance(obj.get(key), list):
+                return obj[key]
+    return None
 
 
 def parse_dialogue(text: str) -> list[Message]:
-    """The model's reply -> messages, with <image> at the start of the first user turn. Raises ParseError."""
-    stripped = _FENCE.sub("", text.strip()).strip()
-    if ANNOTATION_START in stripped or "Rules:" in stripped or SYSTEM_PROMPT[:40] in stripped:
-        raise ParseError("prompt_echo", f"the reply repeats the prompt: {stripped[:80]!r}")
-    start = min((i for i in (stripped.find("{"), stripped.find("[")) if i >= 0), default=-1)
-    end = max(stripped.rfind("}"), stripped.rfind("]"))
-    if start < 0 or end <= start:
-        raise ParseError("unparseable", f"no JSON in the reply: {stripped[:80]!r}")
-    try:
-        obj = json.loads(stripped[start : end + 1])
-    except json.JSONDecodeError as exc:
-        raise ParseError("unparseable", f"invalid or truncated JSON ({exc.msg} at {exc.pos})") from None
-    turns = obj.get("conversation") if isinstance(obj, dict) else obj
-    if not isinstance(turns, list) or not turns:
-        raise ParseError("unparseable", "no 'conversation' list in the JSON")
+    """The model's reply -> messages, with <image> at the start of the first user turn. Raises ParseError.
+
+    The first JSON object in the reply holding a "conversation" (or "conversations"/"messages") list is used,
+    whatever text surrounds it; turns may be {"from", "value"} or {"role", "content"}.
+    """
+    reply = _THINK.sub("", text).strip()
+    if ANNOTATION_START in reply:  # our prompt's own marker: the model echoed the prompt (and its example JSON)
+        raise ParseError("prompt_echo", f"the reply repeats the prompt: {reply[:80]!r}")
+    turns = None
+    for start in (i for i, ch in enumerate(reply) if ch in "{["):
+        try:
+            obj, _ = _DECODER.raw_decode(reply, start)
+        except json.JSONDecodeError:
+            continue
+        turns = _turns_of(obj)
+        if turns:
+            break
+    if not turns:
+        raise ParseError(
+            "unparseable", f"no JSON conversation in the reply (invalid, truncated or missing): {reply[:80]!r}"
+        )
     messages = []
     for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in FROM_TO_ROLE:
+        role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
+        content = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+        if not isinstance(role, str) or role not in FROM_TO_ROLE or not isinstance(content, str):
             raise ParseError("unparseable", f"turn {i} is not {{'from': 'human'|'gpt', 'value': text}}: {turn!r:.80}")
-        messages.append(Message(FROM_TO_ROLE[turn["from"]], turn["value"].strip()))
+        content = content.encode("utf-8", "replace").decode("utf-8").strip()  # lone surrogates cannot be written
+        messages.append(Message(FROM_TO_ROLE[role], content))
     if messages[0].role == "user":  # the model is not trusted to place the image marker: we put it first
         messages[0].content = f"{IMAGE_TOKEN}\n{messages[0].content.replace(IMAGE_TOKEN, '').strip()}"
     return messages
@@ -96,13 +117,14 @@ def to_conversation(record: ImageRecord, reply: str, image: str) -> Conversation
     return Conversation(f"{record.image_id:012d}", [image], parse_dialogue(reply), "en")
 
 
-GenerationResult = tuple[ImageRecord, "str | LLMError", bool]  # (record, reply or error, came from the cache)
+# (record, cache key, reply or error, came from the cache). The build caches a reply only once it is accepted.
+GenerationResult = tuple[ImageRecord, str, "str | LLMError", bool]
 
 
 class OpenAIGenerator:
     name = "openai"
 
-    def __init__(self, cfg: OpenAIConfig, min_turns: int, max_turns: int, cache: ResponseCache):
+    def __init__(self, cfg: OpenAIConfig, build, cache: ResponseCache):
         self.client = ChatClient(
             cfg.base_url,
             cfg.model,
@@ -114,16 +136,18 @@ class OpenAIGenerator:
             temperature=cfg.temperature,
             max_tokens=cfg.max_tokens,
         )
-        self.min_turns, self.max_turns, self.cache = min_turns, max_turns, cache
+        self.build, self.cache = build, cache
 
     def replies(self, records: list[ImageRecord]) -> Iterator[GenerationResult]:
+        b = self.build
+
         def requests():
             for record in records:
-                messages = build_prompt(record, self.min_turns, self.max_turns)
+                messages = build_prompt(record, b.min_turns, b.max_turns, b.min_vqa_agreement)
                 yield self.client.cache_key(messages, tag=f"image {record.image_id}"), messages
 
-        for record, (_, reply, cached) in zip(records, self.client.complete_many(requests(), self.cache)):
-            yield record, reply, cached
+        for record, (key, reply, cached) in zip(records, self.client.complete_many(requests(), self.cache)):
+            yield record, key, reply, cached
 
 
 class HFGenerator:
@@ -131,11 +155,11 @@ class HFGenerator:
 
     name = "hf"
 
-    def __init__(self, cfg: HFGeneratorConfig, min_turns: int, max_turns: int, cache: ResponseCache):
+    def __init__(self, cfg: HFGeneratorConfig, build, cache: ResponseCache):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.cfg, self.min_turns, self.max_turns, self.cache = cfg, min_turns, max_turns, cache
+        self.cfg, self.build, self.cache = cfg, build, cache
         self.torch = torch
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -164,14 +188,17 @@ class HFGenerator:
         cfg = self.cfg
         for start in range(0, len(records), cfg.batch_size):
             batch = records[start : start + cfg.batch_size]
-            prompts = [build_prompt(r, self.min_turns, self.max_turns) for r in batch]
+            b = self.build
+            prompts = [build_prompt(r, b.min_turns, b.max_turns, b.min_vqa_agreement) for r in batch]
             keys = [self._key(p, r) for p, r in zip(prompts, batch)]
             cached = [self.cache.get(k) for k in keys]
             todo = [i for i, c in enumerate(cached) if c is None]
             if todo:
-                enc = self.tokenizer([self._text(prompts[i]) for i in todo], return_tensors="pt", padding=True).to(
-                    self.device
-                )
+                prompt_texts = [self._text(prompts[i]) for i in todo]
+                # A chat template already writes the special tokens (BOS included): do not add them twice.
+                enc = self.tokenizer(
+                    prompt_texts, return_tensors="pt", padding=True, add_special_tokens=not self.tokenizer.chat_template
+                ).to(self.device)
                 with self.torch.no_grad():
                     out = self.model.generate(
                         **enc,
@@ -183,7 +210,6 @@ class HFGenerator:
                     )
                 texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
                 for i, text in zip(todo, texts):
-                    self.cache.put(keys[i], text)
                     cached[i] = text
             for i, record in enumerate(batch):
-                yield record, cached[i], i not in todo
+                yield record, keys[i], cached[i], i not in todo

@@ -59,6 +59,11 @@ class QA:
     rationales: list[str] = field(default_factory=list)  # A-OKVQA
 
 
+def usable_qas(qas: list[QA], min_agreement: float) -> list[QA]:
+    """The questions dialogues may use: VQA answers fewer than `min_agreement` of annotators gave are left out."""
+    return [qa for qa in qas if qa.agreement is None or qa.agreement >= min_agreement]
+
+
 @dataclass(slots=True)
 class ImageRecord:
     image_id: int
@@ -136,17 +141,26 @@ def _check_items(items: list, keys: tuple[str, ...], path: Path, where: str, exp
 _NON_WORD = re.compile(r"[^\w\s]")
 
 
-def accepted_answers(majority: str, answers: list[str]) -> list[str]:
-    """The majority answer and every other answer given at least twice (compared after VQA normalisation)."""
+def accepted_answers(majority: str, answers: list[str], min_count: int = 2) -> list[str]:
+    """The majority answer and every other answer given at least `min_count` times (after VQA normalisation)."""
     counts = Counter(normalize_answer(a) for a in answers)
     out = [majority]
     seen = {normalize_answer(majority)}
     for a in answers:
         norm = normalize_answer(a)
-        if counts[norm] >= 2 and norm not in seen:
+        if counts[norm] >= min_count and norm not in seen:
             seen.add(norm)
             out.append(a)
     return out
+
+
+def image_id_of(value: Any, path: Path, where: str) -> int:
+    """COCO image ids are integers; anything else (a Flickr-style name, say) is an error naming the file."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise SourceError(f"{path}: {where} has image_id {value!r}; expected an integer COCO image id")
 
 
 def question_key(question: str) -> str:
@@ -171,7 +185,7 @@ def read_coco_captions(path: str | Path, stats: ReadStats) -> tuple[dict[int, st
     annotations = _need_list(data, "annotations", path, "the file", expected)
     _check_items(images, ("id", "file_name"), path, "images", expected)
     _check_items(annotations, ("image_id", "caption"), path, "annotations", expected)
-    file_names = {int(im["id"]): im.get("file_name") for im in images}
+    file_names = {image_id_of(im["id"], path, "an image"): im.get("file_name") for im in images}
     stats.add("coco_captions", "images", len(file_names))
 
     def captions() -> Iterator[tuple[int, str]]:
@@ -181,7 +195,7 @@ def read_coco_captions(path: str | Path, stats: ReadStats) -> tuple[dict[int, st
             if not caption:
                 stats.add("coco_captions", "skipped_empty_caption")
                 continue
-            yield int(ann["image_id"]), caption
+            yield image_id_of(ann["image_id"], path, "a caption"), caption
 
     return file_names, captions()
 
@@ -191,6 +205,7 @@ def read_vqa(
 ) -> Iterator[tuple[int, QA]]:
     """VQAv2 or OK-VQA: questions joined with annotations by question_id; majority answer and its agreement."""
     qpath, apath = Path(questions_path), Path(annotations_path)
+    min_count = 4 if source == "okvqa" else 2  # OK-VQA repeats each of its 5 annotators' answers twice
     expected_q = f"{source} questions: {{questions: [{{image_id, question, question_id}}]}}"
     expected_a = f"{source} annotations: {{annotations: [{{question_id, image_id, answers: [{{answer}}], ...}}]}}"
     questions = _need_list(load_json(qpath, stats), "questions", qpath, "the file", expected_q)
@@ -210,23 +225,34 @@ def read_vqa(
         if q["image_id"] != ann["image_id"]:
             stats.add(source, "skipped_image_id_mismatch")
             continue
-        answers = [clean_text(a.get("answer")) for a in ann["answers"] if isinstance(a, dict)]
-        answers = [a for a in answers if a]
+        given = [a for a in ann["answers"] if isinstance(a, dict) and clean_text(a.get("answer"))]
+        answers = [clean_text(a["answer"]) for a in given]
         question = clean_text(q["question"])
         if not answers or not question:
             stats.add(source, "skipped_empty_question_or_answers")
             continue
         answer, agreement = majority_answer(answers)
+        accepted = accepted_answers(answer, answers, min_count)
+        # OK-VQA's `answer` is stemmed ("race"); `raw_answer` is what the annotator wrote ("racing"): show that.
+        raws = [
+            clean_text(a.get("raw_answer"))
+            for a in given
+            if normalize_answer(clean_text(a["answer"])) == normalize_answer(answer)
+        ]
+        raws = [r for r in raws if r]
+        if raws:
+            answer = Counter(raws).most_common(1)[0][0]
+            accepted = [answer, *(a for a in accepted if a != answer)]
         stats.add(source, "used")
         yield (
-            int(ann["image_id"]),
+            image_id_of(ann["image_id"], apath, f"annotation {ann['question_id']}"),
             QA(
                 question=question,
                 answer=answer,
                 sources=[source],
                 agreement=round(agreement, 2),
                 answer_type=ann.get("answer_type"),
-                answers=accepted_answers(answer, answers),
+                answers=accepted,
             ),
         )
     stats.add(source, "skipped_question_without_annotation", len(by_id) - len(answered))
@@ -261,7 +287,7 @@ def read_aokvqa(path: str | Path, stats: ReadStats) -> Iterator[tuple[int, QA]]:
         rationales = [clean_text(r) for r in item.get("rationales") or [] if clean_text(r)]
         stats.add("aokvqa", "used")
         yield (
-            int(item["image_id"]),
+            image_id_of(item["image_id"], path, f"question {item.get('question_id')}"),
             QA(
                 question=question,
                 answer=answer,
@@ -293,7 +319,11 @@ def read_visdial(path: str | Path, stats: ReadStats) -> tuple[Iterator[tuple[int
     questions = _need_list(data, "questions", path, "data", expected)
     answers = _need_list(data, "answers", path, "data", expected)
     _check_items(dialogs, ("image_id", "dialog"), path, "data.dialogs", expected)
-    captions = [(int(d["image_id"]), _visdial_text(d.get("caption"))) for d in dialogs if clean_text(d.get("caption"))]
+    captions = [
+        (image_id_of(d["image_id"], path, "a dialog"), _visdial_text(d.get("caption")))
+        for d in dialogs
+        if clean_text(d.get("caption"))
+    ]
 
     cleaned: dict[tuple[int, int], str] = {}  # (table, index) -> text: the tables are shared by many rounds
 
@@ -306,7 +336,7 @@ def read_visdial(path: str | Path, stats: ReadStats) -> tuple[Iterator[tuple[int
     def rounds() -> Iterator[tuple[int, QA]]:
         read = used = 0
         for dialog in dialogs:
-            image_id = int(dialog["image_id"])
+            image_id = image_id_of(dialog["image_id"], path, "a dialog")
             for turn in dialog["dialog"]:
                 read += 1
                 qi, ai = turn.get("question"), turn.get("answer")
@@ -342,6 +372,17 @@ def check_sources(paths: SourcesConfig) -> None:
             raise SourceError(f"{name} needs both its questions and its annotations file: {missing} is missing")
     if not any(vars(paths).values()):
         raise SourceError("no annotation source given: pass at least one of --coco-captions, --vqav2-questions, ...")
+    if paths.visdial and Path(paths.visdial).is_file():
+        with open(paths.visdial, "rb") as f:
+            split = re.search(rb'"split"\s*:\s*"(\w+)"', f.read(4096))
+        others = [name for name, value in vars(paths).items() if value and name != "visdial"]
+        if split and split.group(1) in (b"val", b"test") and others:
+            raise SourceError(
+                f"{paths.visdial} is VisDial's {split.group(1).decode()} split, whose images are VisDial's own (Flickr), "
+                f"not COCO: their ids would be merged with unrelated COCO images from {others}. Use the train file "
+                "(COCO images), or build this file alone with --image-pattern "
+                "'VisualDialog_val2018_{image_id:012d}.jpg'."
+            )
 
 
 def merge_sources(paths: SourcesConfig, stats: ReadStats) -> dict[int, ImageRecord]:
@@ -357,7 +398,8 @@ def merge_sources(paths: SourcesConfig, stats: ReadStats) -> dict[int, ImageReco
 
     def add_caption(image_id: int, caption: str) -> None:
         rec = record(image_id)
-        if caption.lower() not in (c.lower() for c in rec.captions):
+        key = question_key(caption)  # VisDial repeats COCO captions lower-cased and without the final period
+        if key not in (question_key(c) for c in rec.captions):
             rec.captions.append(caption)
 
     def add_qa(image_id: int, qa: QA) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from dataproc.vqa_answers import normalize_answer
 from unimm_chat.conversations import IMAGE_TOKEN, Conversation, Message
-from unimm_chat.sources import QA, ImageRecord
+from unimm_chat.sources import QA, ImageRecord, usable_qas
 
 OPENERS = [
     "What's happening in this picture?", "Can you describe this image?", "What do you see here?",
@@ -87,6 +87,13 @@ HOW_MANY_ZERO = [
     "I don't see any.",
     "Zero, as far as I can tell.",
     "None that I can see.",
+]
+NOTHING = [
+    "Nothing.",
+    "Nothing, as far as I can tell.",
+    "I don't see anything.",
+    "None that I can see.",
+    "Nothing at all.",
 ]
 NUMBER = ["{N}.", "It's {n}.", "It looks like {n}.", "The number is {n}.", "I can make out {n}.", "I'd say {n}."]
 WHAT = [
@@ -180,7 +187,7 @@ def as_sentence(text: str) -> str:
 
 @dataclass
 class AnswerKind:
-    kind: str  # yes | no | how_many | number | colour | doing | what | why | other | verbatim
+    kind: str  # yes | no | nothing | how_many | number | colour | doing | what | why | other | verbatim
     value: str
 
 
@@ -190,10 +197,16 @@ def classify(qa: QA) -> AnswerKind:
     q = qa.question.strip().lower()
     if norm in ("yes", "no"):
         return AnswerKind(norm, norm)
-    if qa.sources[0] == "visdial" and not norm.isdigit():
+    counting = q.startswith("how many")
+    # A number only where one is asked for, or written as digits: VQA normalisation turns "none" and "one" into
+    # "0" and "1" too ("What is he holding?" "none"; "Which one is bigger?" "one").
+    is_number = norm.isascii() and norm.isdigit() and (counting or (answer.isascii() and answer.isdigit()))
+    if qa.sources[0] == "visdial" and not is_number:
         return AnswerKind("verbatim", answer)  # a person's own conversational answer: used as written
-    if norm.isdigit():
-        return AnswerKind("how_many" if q.startswith("how many") else "number", norm)
+    if is_number:
+        return AnswerKind("how_many" if counting else "number", norm)
+    if answer.lower() in ("none", "nothing"):
+        return AnswerKind("nothing", answer)
     if _COLOUR_Q.match(q):
         return AnswerKind("colour", answer)
     if _DOING_Q.search(q):
@@ -271,6 +284,8 @@ class TemplateGenerator:
             return self._pick(rng, f"{kind.kind}{'_hedged' if hedge else ''}", pool, patterns)
         if kind.kind == "verbatim":
             return as_sentence(kind.value)
+        if kind.kind == "nothing":
+            return self._pick(rng, "nothing", NOTHING, patterns)
         if kind.kind in ("how_many", "number"):
             n = int(kind.value)
             if kind.kind == "how_many" and n in (0, 1):
@@ -293,7 +308,7 @@ class TemplateGenerator:
     # the whole dialogue ---------------------------------------------------------------------------------------
     def select(self, record: ImageRecord, rng: random.Random) -> list[QA]:
         """Knowledge questions first in priority, then confident VQA answers, then Visual Dialog; asked simplest first."""
-        usable = [qa for qa in record.qas if qa.agreement is None or qa.agreement >= self.min_vqa_agreement]
+        usable = usable_qas(record.qas, self.min_vqa_agreement)
         rank = {"aokvqa": 0, "okvqa": 1, "vqav2": 2, "visdial": 3}
         budget = self.max_turns - (1 if record.captions else 0)
         chosen = sorted(usable, key=lambda qa: (rank[qa.sources[0]], rng.random()))[: max(budget, 0)]

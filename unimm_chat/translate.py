@@ -23,8 +23,8 @@ from tqdm import tqdm
 from dataproc.config import save_config
 from dataproc.fileio import atomic_write_json
 from dataproc.langid import LanguageIdentifier
-from dataproc.llm_client import ChatClient, LLMError, ResponseCache
-from dataproc.translate import LANGID_ALIASES, EndpointTranslator, HFTranslator, language_name
+from dataproc.llm_client import ChatClient, ResponseCache
+from dataproc.translate import LANGID_ALIASES, EndpointTranslator, HFTranslator, TranslationError
 from unimm_chat.config import TranslateConfig
 from unimm_chat.conversations import IMAGE_TOKEN, Conversation, Message, read_conversations, write_llava_json
 
@@ -39,8 +39,8 @@ def segments(text: str) -> list[tuple[str, bool]]:
         if not piece:
             continue
         core = piece.strip()
-        if piece in (IMAGE_TOKEN, "\n") or not core:
-            out.append((piece, False))
+        if piece in (IMAGE_TOKEN, "\n") or not any(ch.isalpha() for ch in core):
+            out.append((piece, False))  # markers, blank lines, numbers and punctuation are kept as they are
         else:
             start = piece.index(core)
             if start:
@@ -72,8 +72,6 @@ def make_backend(cfg: TranslateConfig):
 
 def translate(cfg: TranslateConfig, show_progress: bool = True) -> dict[str, Any]:
     cfg.check_required()
-    for lang in cfg.langs:
-        language_name(lang)  # fails early, with the list of known languages
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "translate_config.yaml")
@@ -104,8 +102,8 @@ def translate(cfg: TranslateConfig, show_progress: bool = True) -> dict[str, Any
 
 
 def _translate_language(cfg, lang, conversations, texts, backend, cache, identify, out: Path, show_progress) -> dict:
-    key = {t: ResponseCache.key("translate", cfg.backend, cfg.model, cfg.source_lang, lang, t) for t in texts}
-    done: dict[str, str | LLMError] = {}
+    key = {t: ResponseCache.key("translate", cfg.model, backend.settings, cfg.source_lang, lang, t) for t in texts}
+    done: dict[str, str | TranslationError] = {}
     for t in texts:
         cached = cache.get(key[t])
         if cached is not None:
@@ -117,7 +115,7 @@ def _translate_language(cfg, lang, conversations, texts, backend, cache, identif
         chunk = missing[start : start + CHUNK]
         for text, result in zip(chunk, backend.translate(chunk, lang, cfg.source_lang)):
             done[text] = result
-            if not isinstance(result, LLMError):
+            if isinstance(result, str) and result.strip():  # failures and empty replies are asked again next run
                 cache.put(key[text], result)
         bar.update(len(chunk))
     bar.close()
@@ -156,7 +154,7 @@ def _rebuild(conv: Conversation, lang: str, done: dict) -> tuple[Conversation, t
                 parts.append(piece)
                 continue
             result = done[piece]
-            if isinstance(result, LLMError):
+            if isinstance(result, TranslationError):
                 return conv, ("translation_failed", f"{piece[:60]!r}: {result}")
             if not result.strip():
                 return conv, ("translation_failed", f"{piece[:60]!r}: empty translation")

@@ -15,7 +15,7 @@ import re
 
 from dataproc.vqa_answers import normalize_answer
 from unimm_chat.conversations import IMAGE_TOKEN, Conversation
-from unimm_chat.sources import QA, ImageRecord, question_key
+from unimm_chat.sources import QA, ImageRecord, question_key, usable_qas
 
 LEAKS = re.compile(
     r"\baccording to the (caption|annotation|description|data|information|text|labels?)s?\b"
@@ -28,30 +28,91 @@ LEAKS = re.compile(
     r"|\bas an AI\b",
     re.IGNORECASE,
 )
-_YES = re.compile(
-    r"\b(yes|yep|yeah|correct|absolutely|indeed|right|i think so|i believe so|it seems so|it does|probably)\b"
+_YES_WORDS = {
+    "yes",
+    "yeah",
+    "yep",
+    "yup",
+    "sure",
+    "correct",
+    "indeed",
+    "right",
+    "absolutely",
+    "definitely",
+    "certainly",
+}
+_NO_WORDS = {"no", "nope", "not", "never", "none", "nothing"}
+_HEDGED_YES = re.compile(r"\b(i think so|i believe so|it seems so|it does|probably|likely)\b")
+_NONE = re.compile(r"\b(no|none|nothing|any)\b|n't\b")
+_TOKENS = re.compile(r"[a-z']+")
+_WH = {"what", "why", "how", "where", "when", "which", "who", "whose"}
+# Spelled numbers past ten (the VQA normalisation stops at ten), for "There are twelve people."
+_UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+          "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]  # fmt: skip
+_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
+_NUMBER_WORD = re.compile(
+    r"\b(" + "|".join(_TENS) + r")(?:[- ](" + "|".join(_UNITS[1:10]) + r"))?\b|\b(" + "|".join(_UNITS) + r")\b"
 )
-_NO = re.compile(r"\b(no|nope|not|none|never)\b|n't\b")
-_NONE = re.compile(r"\b(no|none|any)\b|n't\b")
+
+
+def _digits(text: str) -> str:
+    """'twenty-two' -> '22', 'twelve' -> '12' (whole words only)."""
+
+    def number(m: re.Match) -> str:
+        if m.group(3):
+            return str(_UNITS.index(m.group(3)))
+        return str(_TENS[m.group(1)] + (_UNITS.index(m.group(2)) if m.group(2) else 0))
+
+    return _NUMBER_WORD.sub(number, text.lower())
+
+
+def polarity(reply: str) -> str | None:
+    """'yes', 'no' or None: the first yes- or no-word of the reply decides ("Yes, there is no doubt" is yes)."""
+    tokens = _TOKENS.findall(reply.lower())
+    for i, token in enumerate(tokens):
+        if token in _NO_WORDS or token.endswith("n't"):
+            return "no"
+        if token in _YES_WORDS:
+            return "no" if tokens[i + 1 : i + 2] == ["not"] else "yes"  # "Definitely not."
+    return "yes" if _HEDGED_YES.search(reply.lower()) else None
 
 
 def answer_agrees(answer_text: str, qa: QA) -> bool:
-    """Does an assistant reply agree with a question's ground truth (VQA normalisation, any accepted answer)?"""
-    reply = normalize_answer(answer_text)
+    """Does an assistant reply agree with a question's ground truth? Replies that cannot be judged pass.
+
+    yes/no: the reply's leading polarity must match. Otherwise an accepted answer (VQA-normalised, number words as
+    digits) must appear as whole words in the reply.
+    """
     truth = normalize_answer(qa.answer)
     if truth in ("yes", "no"):
-        said_no = bool(_NO.search(reply))
-        said_yes = bool(_YES.search(reply)) and not reply.startswith("no")
-        return said_yes and not said_no if truth == "yes" else said_no
+        said = polarity(answer_text)
+        return said is None or said == truth
+    reply = normalize_answer(_digits(answer_text))
     accepted = {truth, *(normalize_answer(a) for a in qa.answers)}
-    words = f" {reply} "  # normalisation already turned number words into digits ("three" -> "3")
+    words = f" {reply} "
     if "0" in accepted and _NONE.search(reply):  # "There aren't any." answers "how many ...?" with 0
         return True
     return any(gt and f" {gt} " in words for gt in accepted)
 
 
-def validate(conv: Conversation, record: ImageRecord, min_turns: int) -> tuple[str, str] | None:
-    """None if the dialogue passes, else (reason, detail)."""
+def _matching_question(asked: str, questions: dict[str, QA]) -> QA | None:
+    """The VQA question a user turn asks: the same words, or the same words after a short lead-in ("Also, is it
+    raining?"), never after a question word ("Why is the man wearing a hat?" is not "Is the man wearing a hat?")."""
+    if asked in questions:
+        return questions[asked]
+    for key, qa in questions.items():
+        if asked.endswith(" " + key):
+            lead = asked[: -len(key)].split()
+            if len(lead) <= 4 and not _WH & set(lead):
+                return qa
+    return None
+
+
+def validate(
+    conv: Conversation, record: ImageRecord, min_turns: int, min_vqa_agreement: float = 0.0
+) -> tuple[str, str] | None:
+    """None if the dialogue passes, else (reason, detail). Only VQA answers at least `min_vqa_agreement` of the
+    annotators gave are enforced (the generators leave the others out too)."""
     messages = [m for m in conv.messages if m.role != "system"]
     for i, message in enumerate(messages):
         expected = "user" if i % 2 == 0 else "assistant"
@@ -71,10 +132,11 @@ def validate(conv: Conversation, record: ImageRecord, min_turns: int) -> tuple[s
     assistant_words = sum(len(m.content.split()) for m in messages if m.role == "assistant")
     if len(messages) // 2 < min_turns or assistant_words < 3:
         return "too_short", f"{len(messages) // 2} exchanges, {assistant_words} assistant words"
-    questions = {question_key(qa.question): qa for qa in record.qas if qa.sources[0] != "visdial"}
+    usable = usable_qas(record.qas, min_vqa_agreement)
+    questions = {question_key(qa.question): qa for qa in usable if qa.sources[0] != "visdial"}
     for i in range(0, len(messages) - 1, 2):
         asked = question_key(messages[i].content.replace(IMAGE_TOKEN, ""))
-        qa = questions.get(asked) or next((q for k, q in questions.items() if len(k) > 12 and asked.endswith(k)), None)
+        qa = _matching_question(asked, questions)
         if qa is not None and not answer_agrees(messages[i + 1].content, qa):
             return (
                 "inconsistent_answer",

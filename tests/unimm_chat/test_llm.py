@@ -15,7 +15,7 @@ import pytest
 
 from dataproc.config import load_config
 from dataproc.llm_client import ChatClient, LLMError
-from unimm_chat.build import build
+from unimm_chat.build import EndpointFailing, build
 from unimm_chat.config import BuildConfig
 from unimm_chat.llm import ParseError, parse_dialogue
 
@@ -49,6 +49,29 @@ def test_parser_rejects_garbage_truncation_and_echoes(reply, reason):
     with pytest.raises(ParseError) as info:
         parse_dialogue(reply)
     assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        '<think>The Rules: say JSON [only].</think>{"conversation": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "A dog."}]}',
+        'Here it is [as asked]: {"conversation": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "A dog."}]} Note: [done]',
+        '{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "A dog."}]}',
+        '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A dog."}]}',
+    ],
+)
+def test_parser_finds_the_conversation_around_other_text(reply):
+    messages = parse_dialogue(reply)
+    assert [m.role for m in messages] == ["user", "assistant"] and messages[1].content == "A dog."
+
+
+def test_parser_rejects_odd_turns_and_cleans_lone_surrogates():
+    with pytest.raises(ParseError, match="turn 0"):
+        parse_dialogue('{"conversation": [{"from": ["human"], "value": "x"}]}')
+    messages = parse_dialogue(
+        '{"conversation": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "A \\ud83d dog."}]}'
+    )
+    assert messages[1].content == "A ? dog."
 
 
 def test_parser_accepts_fenced_json_and_places_the_image_marker():
@@ -122,11 +145,12 @@ def test_openai_generator_survives_bad_servers_and_counts_every_failure(annotati
     conversations = json.loads((tmp_path / "out" / "llava.json").read_text())
     assert all(c["conversations"][0]["value"].startswith("<image>\n") for c in conversations)
 
-    # A rerun asks only for what is not cached: the failures.
+    # Only accepted replies are cached: a rerun asks again for the 18 failed or rejected images, not the 22 others.
     before = len(server.requests)
     again = build(openai_config(annotations, tmp_path / "out", server.base_url), show_progress=False)
-    assert again["cache"]["cached_replies_used"] == 40 - 9
-    assert len(server.requests) - before == 3 * 3 + 3 * 3 + 3  # always_500 and malformed retried, 400 once
+    assert again["cache"] == {"cached_replies_used": 22, "new_requests": 18}
+    assert len(server.requests) - before == 3 + 3 + 3 + 3 * 3 + 3 * 3 + 3  # garbage, truncated, echo once; 500s and
+    # malformed replies with their 2 retries; the 400 once
 
 
 def test_killed_openai_run_resumes_without_asking_again(annotations, chat_server, tmp_path):
@@ -178,5 +202,19 @@ def test_hf_generator_with_a_tiny_random_model(annotations, tiny_chat_model, tmp
     stats = build(cfg, show_progress=False)
     assert stats["dialogues"] == 0 and sum(stats["rejections"].values()) == 40
     assert set(stats["rejections"]) <= {"unparseable", "prompt_echo"}
-    again = build(cfg, show_progress=False)
-    assert again["cache"] == {"cached_replies_used": 40, "new_requests": 0}
+    again = build(cfg, show_progress=False)  # rejected replies are not cached: a rerun asks again
+    assert again["cache"] == {"cached_replies_used": 0, "new_requests": 40}
+
+
+def test_a_misconfigured_endpoint_stops_the_build_early(annotations, chat_server, tmp_path):
+    server = chat_server(lambda body: (401, b'{"error": "invalid api key"}'))
+    with pytest.raises(EndpointFailing, match="HTTP 401.*check the URL, the model name and the API key"):
+        build(openai_config(annotations, tmp_path / "out", server.base_url), show_progress=False)
+    assert len(server.requests) <= 8  # the requests already in flight, not one per image
+    assert not (tmp_path / "out" / "llava.json").exists()
+
+    down = chat_server(lambda body: (503, b"down"))
+    with pytest.raises(EndpointFailing, match="25 requests in a row failed"):
+        build(
+            openai_config(annotations, tmp_path / "out2", down.base_url, **{"openai.retries": 0}), show_progress=False
+        )

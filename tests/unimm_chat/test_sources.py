@@ -191,3 +191,45 @@ def test_synthetic_files_follow_the_schemas(annotations):
     assert len(records) == 40 and all(len(r.captions) >= 5 for r in records.values())
     used = {source: counts.get("used", 0) for source, counts in stats.as_dict().items()}
     assert used["vqav2"] > 100 and used["visdial"] == 400 and used["aokvqa"] > 0 and used["okvqa"] > 0
+
+
+def test_okvqa_shows_raw_answers_and_counts_each_annotator_once(tmp_path):
+    raw = ["racing"] * 6 + ["race car"] * 2 + ["speed"] * 2
+    stemmed = ["race"] * 6 + ["race car"] * 2 + ["speed"] * 2
+    oq, oa = vqa_files(
+        tmp_path,
+        "ok",
+        [{"image_id": 5, "question": "What sport can you use this for?", "question_id": 1}],
+        [{"question_id": 1, "image_id": 5, "answer_type": "other",
+          "answers": [{"answer": s, "raw_answer": r, "answer_confidence": "yes", "answer_id": i} for i, (s, r) in enumerate(zip(stemmed, raw))]}],
+    )  # fmt: skip
+    qa = merge_sources(SourcesConfig(okvqa_questions=oq, okvqa_annotations=oa), ReadStats())[5].qas[0]
+    assert qa.answer == "racing" and qa.agreement == 0.6
+    assert qa.answers == ["racing", "race"]  # 2 of 10 answers = 1 of OK-VQA's 5 annotators: not accepted
+
+
+def test_visdial_val_is_refused_beside_coco_sources(tmp_path, annotations):
+    val = write(
+        tmp_path / "visdial_1.0_val.json",
+        {"version": "1.0", "split": "val", "data": {"dialogs": [], "questions": [], "answers": []}},
+    )
+    with pytest.raises(SourceError, match="VisDial's val split.*Flickr"):
+        merge_sources(SourcesConfig(coco_captions=str(annotations["coco_captions"]), visdial=val), ReadStats())
+    assert merge_sources(SourcesConfig(visdial=val), ReadStats()) == {}  # alone it is fine
+
+
+def test_string_image_ids_are_clear_errors(tmp_path):
+    vd = write(
+        tmp_path / "vd.json",
+        {
+            "data": {
+                "dialogs": [{"image_id": "VisualDialog_val2018_000000254080.jpg", "caption": "x", "dialog": []}],
+                "questions": [],
+                "answers": [],
+            }
+        },
+    )
+    with pytest.raises(
+        SourceError, match="vd.json: a dialog has image_id 'VisualDialog_val2018_000000254080.jpg'; expected an integer"
+    ):
+        merge_sources(SourcesConfig(visdial=vd), ReadStats())

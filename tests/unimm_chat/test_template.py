@@ -75,6 +75,10 @@ def test_records_without_usable_annotations_give_no_dialogue():
 
 
 def test_answer_kinds():
+    assert classify(QA("What is the man holding?", "none", ["vqav2"])).kind == "nothing"
+    assert classify(QA("Which one is bigger?", "one", ["vqav2"])).kind == "what"
+    assert classify(QA("What number is on the bus?", "42", ["vqav2"])).kind == "number"
+    assert classify(QA("What is this?", "²", ["vqav2"])).kind == "what"
     assert classify(QA("Is it sunny?", "Yes", ["vqav2"])).kind == "yes"
     assert classify(QA("How many dogs?", "two", ["vqav2"])).kind == "how_many"
     assert classify(QA("what color is the cat", "white", ["visdial"])).kind == "verbatim"

@@ -38,6 +38,7 @@ def test_segments_keep_markers_lines_and_spaces():
     assert pieces == [("<image>", False), ("\n", False), ("  ", False), ("Hello there.", True), (" ", False),
                       ("\n", False), ("\n", False), ("Bye", True)]  # fmt: skip
     assert "".join(p for p, _ in pieces) == "<image>\n  Hello there. \n\nBye"
+    assert segments("2.") == [("2.", False)]  # nothing to translate in numbers and punctuation
 
 
 def mt_config(tmp_path, base_url, langs, **extra):
@@ -81,6 +82,9 @@ def test_translation_keeps_structure_and_rejects_what_is_not_the_target_language
     assert again["languages"]["zh"]["segments_from_cache"] == 6 and again["languages"]["zh"]["segments_translated"] == 1
     assert again["languages"]["de"]["segments_from_cache"] == 7
     assert len(server.requests) - asked == 1  # the refused segment, asked again (a 400 is not retried within a run)
+    # Settings that change translations are part of the cache key: other settings, new translations.
+    other = translate(mt_config(tmp_path, server.base_url, ["zh"], **{"openai.max_tokens": 99}), show_progress=False)
+    assert other["languages"]["zh"]["segments_translated"] == 7
 
 
 def test_a_translation_that_invents_an_image_marker_is_rejected(tmp_path, chat_server):
@@ -102,6 +106,8 @@ def test_hf_backend_with_a_tiny_random_m2m100(tmp_path, tiny_m2m100):
 def test_config_errors():
     with pytest.raises(ConfigError, match=r"unknown language codes \['chinese'\]"):
         load_config(TranslateConfig, None, {"langs": ["chinese"]})
+    with pytest.raises(ConfigError, match=r"unknown language codes \['la'\]"):  # fastText knows Latin, NLLB does not
+        load_config(TranslateConfig, None, {"langs": ["la"]})
     cfg = load_config(TranslateConfig, None, {"input": "x", "output": "y", "model": "m", "langs": ["en"]})
     with pytest.raises(ConfigError, match="includes the source language"):
         cfg.check_required()

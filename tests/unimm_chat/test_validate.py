@@ -77,3 +77,46 @@ def test_number_agreement(reply, ok):
 def test_visdial_questions_are_not_checked_against_a_single_free_form_answer():
     turns = [*GOOD[:2], "How many people?", "I can see two people near the bus."]
     assert validate(conv(*turns), RECORD, min_turns=2) is None
+
+
+@pytest.mark.parametrize(
+    ("reply", "truth", "ok"),
+    [
+        ("Yes, he's wearing a hat, and he doesn't look cold.", "yes", True),
+        ("Yes, there is no doubt about it.", "yes", True),
+        ("Sure, he has a fedora on.", "yes", True),
+        ("Now that you mention it, yes.", "yes", True),
+        ("He wears a red cap.", "yes", True),  # cannot be judged: passes
+        ("Yes, he is wearing a hat, though not a big one.", "no", False),
+        ("Definitely not.", "yes", False),
+    ],
+)
+def test_yes_no_replies_are_judged_by_their_leading_polarity(reply, truth, ok):
+    assert answer_agrees(reply, QA("Is he wearing a hat?", truth, ["vqav2"], 1.0, "yes/no", [truth])) is ok
+
+
+def test_spelled_numbers_past_ten():
+    qa = QA("How many people are there?", "12", ["vqav2"], 1.0, "number", ["12"])
+    assert answer_agrees("There are twelve people.", qa)
+    assert not answer_agrees("Twenty-two birds.", QA("How many birds?", "2", ["vqav2"], 1.0, "number", ["2"]))
+
+
+def test_a_why_follow_up_is_not_the_yes_no_question_it_ends_with():
+    record = ImageRecord(1, qas=[QA("Is the man wearing a hat?", "yes", ["vqav2"], 1.0, "yes/no", ["yes"])])
+    turns = [
+        "<image>\nIs the man wearing a hat?",
+        "Yes.",
+        "Why is the man wearing a hat?",
+        "Because it is sunny and bright.",
+    ]
+    assert validate(conv(*turns), record, min_turns=2) is None
+    turns[2] = "Also, is the man wearing a hat?"
+    turns[3] = "No, he isn't."
+    assert validate(conv(*turns), record, min_turns=2)[0] == "inconsistent_answer"
+
+
+def test_low_agreement_answers_are_not_enforced():
+    record = ImageRecord(1, qas=[QA("What is in the sky?", "bird", ["vqav2"], 0.2, "other", ["bird", "kite"])])
+    turns = ["<image>\nDescribe it.", "A beach.", "What is in the sky?", "A plane."]
+    assert validate(conv(*turns), record, min_turns=2, min_vqa_agreement=0.3) is None
+    assert validate(conv(*turns), record, min_turns=2)[0] == "inconsistent_answer"
