@@ -396,11 +396,14 @@ def merge_sources(paths: SourcesConfig, stats: ReadStats) -> dict[int, ImageReco
             rec = records[image_id] = ImageRecord(image_id)
         return rec
 
+    caption_keys: dict[int, set[str]] = {}
+
     def add_caption(image_id: int, caption: str) -> None:
-        rec = record(image_id)
         key = question_key(caption)  # VisDial repeats COCO captions lower-cased and without the final period
-        if key not in (question_key(c) for c in rec.captions):
-            rec.captions.append(caption)
+        seen = caption_keys.setdefault(image_id, set())
+        if key not in seen:
+            seen.add(key)
+            record(image_id).captions.append(caption)
 
     def add_qa(image_id: int, qa: QA) -> None:
         rec = record(image_id)
