@@ -1,0 +1,138 @@
+"""`MPMForConditionalGeneration`: any vision tower + a connector + any causal LM, in Hugging Face format.
+
+The image placeholders in `input_ids` (one `image_token_id` per visual token) are replaced by the connector's
+outputs, in order, and the language model does the rest (LLaVA's scheme, so an `mlp` model without slicing is
+exactly a `LlavaForConditionalGeneration`, see mpm/export.py). `pixel_values` holds every image and slice of the
+batch in placeholder order: a (N, 3, H, W) tensor when all have one size, else a list of (3, H_i, W_i) tensors.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from mpm.configuration import MPMConfig
+from mpm.connectors import BridgeConnector, MLPConnector, ResamplerConnector
+from mpm.vision import bridge_features, patch_features
+
+
+class MPMForConditionalGeneration(PreTrainedModel):
+    config_class = MPMConfig
+    base_model_prefix = "mpm"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules: list[str] = []
+
+    def __init__(self, config: MPMConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.connector = build_connector(config)
+        self.post_init()
+
+    # The LM owns the embeddings; these make resize_token_embeddings, tying and generation utilities work.
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    # 1. Images -> visual tokens --------------------------------------------------------------------------------
+    def image_tokens(self, pixel_values: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+        """One (tokens_i, text_hidden) tensor per image or slice, in input order."""
+        images = list(pixel_values) if not isinstance(pixel_values, torch.Tensor) else list(pixel_values.unbind(0))
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)  # same size -> one vision forward
+        for i, image in enumerate(images):
+            groups[tuple(image.shape[-2:])].append(i)
+        out: list[torch.Tensor | None] = [None] * len(images)
+        cfg = self.config
+        dtype = next(self.vision_tower.parameters()).dtype
+        for (height, width), indices in groups.items():
+            batch = torch.stack([images[i] for i in indices]).to(dtype)
+            if cfg.connector_type == "bridge":
+                queries = bridge_features(self.vision_tower, batch, self.connector.queries, cfg.vision_feature_layer)
+                tokens = self.connector(queries)
+            else:
+                feats = patch_features(
+                    self.vision_tower, batch, cfg.vision_feature_layer, cfg.vision_feature_select, cfg.vision_kind
+                )
+                if cfg.connector_type == "mlp":
+                    tokens = self.connector(feats)
+                else:
+                    grid = (height // cfg.patch_size, width // cfg.patch_size)
+                    tokens = self.connector(list(feats.unbind(0)), [grid] * len(indices))
+            for i, t in zip(indices, tokens.unbind(0)):
+                out[i] = t
+        return out
+
+    def embed(self, input_ids: torch.LongTensor, pixel_values=None) -> torch.Tensor:
+        """Token embeddings with every image placeholder replaced by its visual token. (B, T) -> (B, T, D)."""
+        embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is None or len(pixel_values) == 0:
+            return embeds
+        features = torch.cat(self.image_tokens(pixel_values), dim=0).to(embeds.dtype)
+        mask = input_ids == self.config.image_token_id
+        if int(mask.sum()) != features.shape[0]:
+            raise ValueError(
+                f"the text holds {int(mask.sum())} image placeholder tokens but the images give {features.shape[0]} "
+                "visual tokens: build inputs with this model's MPMProcessor (same slicing, image size and connector)"
+            )
+        return embeds.masked_scatter(mask.unsqueeze(-1), features)
+
+    # 2. The language model does the rest -----------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values=None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, pixel_values)
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @classmethod
+    def from_parts(cls, vision, llm, tokenizer=None, connector_type: str = "mlp", **kwargs):
+        """(model, processor) from a pretrained vision tower and LLM; see mpm.parts.from_parts."""
+        from mpm.parts import from_parts
+
+        return from_parts(vision, llm, tokenizer=tokenizer, connector_type=connector_type, **kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self, input_ids: torch.LongTensor, pixel_values=None, attention_mask: torch.Tensor | None = None, **kwargs
+    ):
+        """Like a causal LM's generate; returns only the new tokens (B, new)."""
+        embeds = self.embed(input_ids, pixel_values)
+        return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if getattr(self.vision_tower, "supports_gradient_checkpointing", False):
+            self.vision_tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+
+def build_connector(config: MPMConfig) -> nn.Module:
+    vision_dim, text_dim = config.vision_width, config.text_config.hidden_size
+    if config.connector_type == "mlp":
+        return MLPConnector(vision_dim, text_dim, config.connector_hidden_size)
+    if config.connector_type == "resampler":
+        return ResamplerConnector(vision_dim, text_dim, config.num_queries)
+    return BridgeConnector(vision_dim, text_dim, config.num_queries, config.connector_hidden_size)
+
+
+AutoConfig.register("mpm", MPMConfig)
+AutoModel.register(MPMConfig, MPMForConditionalGeneration)

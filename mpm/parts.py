@@ -1,0 +1,80 @@
+"""Building an MPM model from pretrained parts: any vision tower + any causal LM (+ a new connector)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoImageProcessor, PreTrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+from mpm.configuration import CLIP_MEAN, CLIP_STD, MPMConfig
+from mpm.llm import load_llm
+from mpm.modeling import MPMForConditionalGeneration, build_connector
+from mpm.processor import MPMProcessor
+from mpm.vision import probe_patch_size
+
+
+def load_vision(vision, dtype=None, trust_remote_code: bool = False) -> tuple[PreTrainedModel, list, list]:
+    """(vision model, image mean, image std) from a folder or hub id (a full CLIP/SigLIP checkpoint gives its
+    vision half), a loaded model, or a config (random weights, for tests)."""
+    if isinstance(vision, PreTrainedModel):
+        return vision, list(CLIP_MEAN), list(CLIP_STD)
+    if isinstance(vision, PreTrainedConfig):
+        model_class = MODEL_MAPPING[type(vision)]
+        return model_class(vision), list(CLIP_MEAN), list(CLIP_STD)
+    config = AutoConfig.from_pretrained(vision, trust_remote_code=trust_remote_code)
+    vision_config = getattr(config, "vision_config", config)  # CLIPConfig / SiglipConfig hold a vision_config
+    model = MODEL_MAPPING[type(vision_config)].from_pretrained(vision, dtype=dtype or "auto")
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(vision)
+        mean, std = list(image_processor.image_mean), list(image_processor.image_std)
+    except (OSError, ValueError, AttributeError):  # no preprocessor_config.json: the CLIP statistics
+        mean, std = list(CLIP_MEAN), list(CLIP_STD)
+    return model, mean, std
+
+
+def from_parts(
+    vision,
+    llm,
+    tokenizer=None,
+    connector_type: str = "mlp",
+    dtype=None,
+    trust_remote_code: bool = False,
+    **config_kwargs,
+) -> tuple[MPMForConditionalGeneration, MPMProcessor]:
+    """An MPM model and its processor.
+
+    Args:
+        vision: vision tower: a folder or hub id (CLIP, SigLIP, ResNet, ConvNeXt), a model, or a config.
+        llm: causal LM: a folder or hub id, a model, or a config (then `tokenizer` is required).
+        tokenizer: the LLM's tokenizer (an object or a folder); loaded from `llm` when it is a path.
+        connector_type: "mlp", "resampler" or "bridge"; other MPMConfig fields go in `config_kwargs`.
+    The image and slice tokens are added to the tokenizer and the LLM's embeddings resized (new rows get the mean
+    embedding). The pretrained weights are used as they are; only the connector is new.
+    """
+    vision_model, mean, std = load_vision(vision, dtype, trust_remote_code)
+    lm, tok = load_llm(llm, tokenizer, dtype, trust_remote_code)
+    tokens = [
+        config_kwargs.get(k, getattr(MPMConfig, k)) for k in ("image_token", "slice_start_token", "slice_end_token")
+    ]
+    tok.add_tokens(tokens, special_tokens=True)
+    if lm.get_input_embeddings().weight.shape[0] < len(tok):  # new rows get the mean embedding
+        lm.resize_token_embeddings(len(tok), mean_resizing=True)
+    config = MPMConfig(
+        vision_config=vision_model.config,
+        text_config=lm.config,
+        connector_type=connector_type,
+        image_token_id=tok.convert_tokens_to_ids(tokens[0]),
+        slice_start_token_id=tok.convert_tokens_to_ids(tokens[1]),
+        slice_end_token_id=tok.convert_tokens_to_ids(tokens[2]),
+        image_mean=config_kwargs.pop("image_mean", mean),
+        image_std=config_kwargs.pop("image_std", std),
+        **config_kwargs,
+    )
+    if config.vision_kind == "conv" and config.patch_size is None:
+        config.patch_size = probe_patch_size(vision_model, config.image_size, config.vision_feature_layer, "conv")
+    with torch.device("meta"):  # the skeleton only: the real towers are put in below, never initialised twice
+        model = MPMForConditionalGeneration(config)
+    model.vision_tower = vision_model
+    model.language_model = lm
+    model.connector = build_connector(config).to(next(lm.parameters()).dtype)
+    return model, MPMProcessor(tok, config)

@@ -1,0 +1,226 @@
+"""`MPMProcessor`: images and conversations -> model inputs, with labels on assistant tokens only.
+
+Images: resized to `image_size` (or sliced MiniCPM-V style, see mpm/slicing.py), normalised with the vision
+tower's mean/std. Text: every `<image>` marker in a message becomes that image's placeholders
+    overview:  <image> x n                                  (n visual tokens: patches, or the connector's queries)
+    slices:    \\n <slice><image> x n</slice><slice>...</slice> \\n <slice>...       (rows separated by newlines)
+Chat formatting uses the tokenizer's chat template when it has one, else this plain template:
+    [bos]{system}\\n\\nUser: {text}\\nAssistant: {text}{eos}\\nUser: ...
+Labels are built turn by turn: the tokens of assistant turn i are those that rendering turns 0..i adds to
+rendering turns 0..i-1 plus the generation prompt; nothing is found by splitting strings on separators (LLaVA's
+"tokenization mismatch" bug). A template for which that is not a prefix is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoTokenizer
+
+from mpm.configuration import MPMConfig
+from mpm.slicing import slice_image
+
+IGNORE_INDEX = -100
+PROCESSOR_FILE = "mpm_processor.json"
+
+
+class ProcessingError(ValueError):
+    """A sample cannot be turned into model inputs (the message says why); training counts and skips it."""
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: list[torch.Tensor]  # (3, H, W) per overview / slice, in placeholder order
+
+
+class MPMProcessor:
+    def __init__(self, tokenizer, config: MPMConfig):
+        self.tokenizer = tokenizer
+        self.config = config
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        for name in ("image_token", "slice_start_token", "slice_end_token"):
+            token = getattr(config, name)
+            if token not in tokenizer.get_vocab():
+                raise ValueError(f"the tokenizer has no {token!r} token: build the model with from_parts()")
+        self.mean = torch.tensor(config.image_mean).view(3, 1, 1)
+        self.std = torch.tensor(config.image_std).view(3, 1, 1)
+
+    # saving ----------------------------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        self.tokenizer.save_pretrained(folder)
+        Path(folder, PROCESSOR_FILE).write_text(json.dumps({"processor": "MPMProcessor"}) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, trust_remote_code: bool = False) -> MPMProcessor:
+        config = MPMConfig.from_pretrained(folder)
+        return cls(AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code), config)
+
+    # images ----------------------------------------------------------------------------------------------------
+    def tokens_per_image(self, height: int, width: int) -> int:
+        cfg = self.config
+        if cfg.connector_type in ("resampler", "bridge"):
+            return cfg.num_queries
+        cls = 1 if cfg.vision_feature_select == "full" and cfg.vision_config.model_type == "clip_vision_model" else 0
+        return (height // cfg.patch_size) * (width // cfg.patch_size) + cls
+
+    def to_tensor(self, image: Image.Image) -> torch.Tensor:
+        arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (arr - self.mean) / self.std  # (3, H, W)
+
+    def image_inputs(self, image: Image.Image) -> tuple[list[torch.Tensor], str]:
+        """(pixel tensors, placeholder text) of one image."""
+        cfg = self.config
+        tok = cfg.image_token
+        if not cfg.use_slicing:
+            pixels = self.to_tensor(
+                image.convert("RGB").resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
+            )
+            return [pixels], tok * self.tokens_per_image(cfg.image_size, cfg.image_size)
+        sliced = slice_image(image.convert("RGB"), cfg.scale_resolution, cfg.max_slices, cfg.patch_size)
+        tensors = [self.to_tensor(sliced.overview)]
+        text = tok * self.tokens_per_image(sliced.overview.height, sliced.overview.width)
+        rows = []
+        for row in sliced.slices:
+            cells = []
+            for piece in row:
+                tensors.append(self.to_tensor(piece))
+                cells.append(
+                    cfg.slice_start_token + tok * self.tokens_per_image(piece.height, piece.width) + cfg.slice_end_token
+                )
+            rows.append("".join(cells))
+        if rows:
+            text += "\n" + "\n".join(rows)
+        return tensors, text
+
+    def _expand(
+        self, messages: list[dict], images: list[Image.Image]
+    ) -> tuple[list[dict], list[torch.Tensor], list[int]]:
+        """Messages with markers replaced by placeholders; pixels; visual tokens per image (for truncation)."""
+        marker = self.config.image_token
+        found = sum(m["content"].count(marker) for m in messages)
+        if found != len(images):
+            raise ProcessingError(f"the conversation has {found} {marker} markers but {len(images)} images")
+        pixels: list[torch.Tensor] = []
+        per_image: list[tuple[int, int]] = []  # (tensors, placeholder tokens) of each image
+        expanded, k = [], 0
+        for m in messages:
+            parts = m["content"].split(marker)
+            text = parts[0]
+            for part in parts[1:]:
+                tensors, placeholder = self.image_inputs(images[k])
+                pixels += tensors
+                per_image.append((len(tensors), placeholder.count(marker)))
+                text += placeholder + part
+                k += 1
+            expanded.append({"role": m["role"], "content": text})
+        return expanded, pixels, per_image
+
+    # text ------------------------------------------------------------------------------------------------------
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        tok = self.tokenizer
+        if tok.chat_template:
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = tok.bos_token or ""
+        for m in messages:
+            if m["role"] == "system":
+                text += f"{m['content']}\n\n"
+            elif m["role"] == "user":
+                text += f"User: {m['content']}\n"
+            else:
+                text += f"Assistant: {m['content']}{tok.eos_token}\n"
+        if add_generation_prompt:
+            text += "Assistant:"
+        return text
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_conversation(
+        self, messages: list[dict], images: list[Image.Image], max_length: int | None = None
+    ) -> Encoded:
+        """Training inputs: every assistant turn supervised, nothing else. Raises ProcessingError."""
+        if not messages or messages[-1]["role"] != "assistant":
+            raise ProcessingError("the conversation must end with an assistant turn")
+        expanded, pixels, per_image = self._expand(messages, images)
+        input_ids = self._ids(self.render(expanded, add_generation_prompt=False))
+        labels = [IGNORE_INDEX] * len(input_ids)
+        for i, message in enumerate(expanded):
+            if message["role"] != "assistant":
+                continue
+            if not message["content"].strip():
+                raise ProcessingError(f"assistant turn {i} is empty")
+            start = self._ids(self.render(expanded[:i], add_generation_prompt=True))
+            end = self._ids(self.render(expanded[: i + 1], add_generation_prompt=False))
+            if end[: len(start)] != start or input_ids[: len(end)] != end:
+                raise ProcessingError(
+                    "the chat template does not render a conversation as a prefix of its continuation, so assistant "
+                    "tokens cannot be found exactly; use a template without history-dependent rewriting"
+                )
+            labels[len(start) : len(end)] = input_ids[len(start) : len(end)]
+        if max_length is not None and len(input_ids) > max_length:
+            input_ids, labels, pixels = self._truncate(input_ids, labels, pixels, per_image, max_length)
+        return Encoded(input_ids, labels, pixels)
+
+    def _truncate(self, input_ids, labels, pixels, per_image, max_length):
+        """Cut to max_length without cutting an image's placeholders: an image that does not fit whole is dropped,
+        with everything after it."""
+        image_id = self.config.image_token_id
+        positions = [i for i, t in enumerate(input_ids) if t == image_id]
+        cut, seen, kept_tensors = max_length, 0, 0
+        for n_tensors, n_tokens in per_image:
+            first, last = positions[seen], positions[seen + n_tokens - 1]
+            if last >= cut:
+                cut = first
+                break
+            seen += n_tokens
+            kept_tensors += n_tensors
+        input_ids, labels = input_ids[:cut], labels[:cut]
+        if all(label == IGNORE_INDEX for label in labels):
+            raise ProcessingError(
+                f"longer than max_length={max_length}: nothing to learn from remains after truncation"
+            )
+        return input_ids, labels, pixels[:kept_tensors]
+
+    def encode_prompt(self, messages: list[dict] | str, images: list[Image.Image]) -> Encoded:
+        """Generation inputs: chat messages (template + generation prompt) or a raw prompt with <image> markers."""
+        if isinstance(messages, str):
+            expanded, pixels, _ = self._expand([{"role": "user", "content": messages}], images)
+            return Encoded(self._ids(expanded[0]["content"]), [], pixels)
+        expanded, pixels, _ = self._expand(messages, images)
+        return Encoded(self._ids(self.render(expanded, add_generation_prompt=True)), [], pixels)
+
+    # batching --------------------------------------------------------------------------------------------------
+    def collate(self, items: list[Encoded], padding_side: str = "right") -> dict:
+        """Pad to the longest; labels padded with -100; pixels concatenated in order (stacked when all one size)."""
+        length = max(len(x.input_ids) for x in items)
+        pad = self.tokenizer.pad_token_id
+        ids, mask, labels = [], [], []
+        for x in items:
+            n = length - len(x.input_ids)
+            fill = [pad] * n
+            if padding_side == "left":
+                ids.append(fill + x.input_ids)
+                mask.append([0] * n + [1] * len(x.input_ids))
+                labels.append([IGNORE_INDEX] * n + (x.labels or [IGNORE_INDEX] * len(x.input_ids)))
+            else:
+                ids.append(x.input_ids + fill)
+                mask.append([1] * len(x.input_ids) + [0] * n)
+                labels.append((x.labels or [IGNORE_INDEX] * len(x.input_ids)) + [IGNORE_INDEX] * n)
+        pixels = [p for x in items for p in x.pixel_values]
+        if pixels and len({tuple(p.shape) for p in pixels}) == 1:
+            pixels = torch.stack(pixels)
+        return {
+            "input_ids": torch.tensor(ids),
+            "attention_mask": torch.tensor(mask),
+            "labels": torch.tensor(labels),
+            "pixel_values": pixels if len(pixels) else None,
+        }

@@ -1,0 +1,113 @@
+"""The processor: placeholders, chat formatting, labels on assistant tokens only, truncation, bad input."""
+
+import pytest
+import torch
+from PIL import Image
+
+from mpm.processor import IGNORE_INDEX, ProcessingError
+from tests.mpm.conftest import make_tokenizer
+
+RED, BLUE = Image.new("RGB", (40, 30), (220, 20, 20)), Image.new("RGB", (30, 40), (20, 20, 220))
+DIALOGUE = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "<image>\n这是什么颜色？"},
+    {"role": "assistant", "content": "红色。"},
+    {"role": "user", "content": "And this one? <image>"},
+    {"role": "assistant", "content": "It is blue, 蓝色。"},
+    {"role": "user", "content": "Thanks!"},
+    {"role": "assistant", "content": "不客气。"},
+]
+
+
+def supervised_text(processor, encoded) -> str:
+    return processor.tokenizer.decode(
+        [t for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
+    )
+
+
+@pytest.mark.parametrize("chat_template", [True, False], ids=["chat-template", "plain-template"])
+def test_exactly_the_assistant_tokens_are_supervised(tiny, chat_template):
+    model, processor = tiny(tokenizer=make_tokenizer(chat_template=chat_template))
+    encoded = processor.encode_conversation(DIALOGUE, [RED, BLUE])
+    eos = processor.tokenizer.eos_token
+    turns = [m["content"] for m in DIALOGUE if m["role"] == "assistant"]
+    lead = "" if chat_template else " "  # plain template: "Assistant:" + " answer": the space is the answer's
+    expected = "".join(f"{lead}{t}{eos}\n" for t in turns)  # each assistant turn and what closes it, nothing else
+    assert supervised_text(processor, encoded) == expected
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(encoded.input_ids, encoded.labels))
+    # the image placeholders are where the markers were, and the model accepts them
+    n_image = sum(t == model.config.image_token_id for t in encoded.input_ids)
+    assert n_image == 2 * processor.tokens_per_image(32, 32) and len(encoded.pixel_values) == 2
+    assert torch.isfinite(model(**processor.collate([encoded])).loss)
+
+
+def test_plain_template_and_no_pad_token(tiny):
+    tok = make_tokenizer(chat_template=False, pad=False)
+    model, processor = tiny(tokenizer=tok)
+    assert tok.pad_token == tok.eos_token  # a tokenizer without a pad token gets its EOS as pad
+    prompt = processor.encode_prompt([{"role": "user", "content": "<image>\nDescribe the image."}], [RED])
+    assert processor.tokenizer.decode(prompt.input_ids).endswith("Describe the image.\nAssistant:")
+
+
+@pytest.mark.parametrize(
+    ("messages", "images", "message"),
+    [
+        (
+            [{"role": "user", "content": "<image><image> Two?"}, {"role": "assistant", "content": "Yes."}],
+            [RED],
+            "2 <image> markers but 1 images",
+        ),
+        (
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+            [RED],
+            "0 <image> markers but 1 images",
+        ),
+        (
+            [{"role": "user", "content": "<image>\nHi"}, {"role": "assistant", "content": "  "}],
+            [RED],
+            "assistant turn 1 is empty",
+        ),
+        ([{"role": "user", "content": "<image>\nHi"}], [RED], "must end with an assistant turn"),
+    ],
+)
+def test_bad_conversations_are_clear_errors(tiny, messages, images, message):
+    _, processor = tiny()
+    with pytest.raises(ProcessingError, match=message):
+        processor.encode_conversation(messages, images)
+
+
+def test_truncation_never_cuts_image_placeholders(tiny):
+    model, processor = tiny()
+    full = processor.encode_conversation(DIALOGUE, [RED, BLUE])
+    image_id = model.config.image_token_id
+    second_image_start = [i for i, t in enumerate(full.input_ids) if t == image_id][16]
+    cut = processor.encode_conversation(DIALOGUE, [RED, BLUE], max_length=second_image_start + 5)
+    assert len(cut.input_ids) == second_image_start  # the second image did not fit whole: dropped, not cut
+    assert sum(t == image_id for t in cut.input_ids) == 16 and len(cut.pixel_values) == 1
+    assert supervised_text(processor, cut).startswith("红色。")
+    assert torch.isfinite(model(**processor.collate([cut])).loss)
+    with pytest.raises(ProcessingError, match="longer than max_length=10"):
+        processor.encode_conversation(DIALOGUE, [RED, BLUE], max_length=10)
+
+
+@pytest.mark.parametrize("connector", ["mlp", "resampler"])
+def test_sliced_images_give_overview_and_rows_of_slices(tiny, connector):
+    model, processor = tiny(connector=connector, use_slicing=True, scale_resolution=32, max_slices=9, image_size=32)
+    big = Image.new("RGB", (96, 64), (10, 200, 10))  # 6 x (32x32): a 3x2 grid
+    encoded = processor.encode_conversation(
+        [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "Green."}], [big]
+    )
+    assert len(encoded.pixel_values) == 1 + 6
+    text = processor.tokenizer.decode(encoded.input_ids)
+    assert text.count("<slice>") == 6 and text.count("</slice>") == 6
+    assert "</slice><slice>" in text and "</slice>\n<slice>" in text  # columns side by side, rows on new lines
+    batch = processor.collate([encoded, processor.encode_conversation(DIALOGUE, [RED, BLUE])])
+    assert isinstance(batch["pixel_values"], list)  # several sizes: a list, in placeholder order
+    assert torch.isfinite(model(**batch).loss)
+
+
+def test_raw_prompt_without_template(tiny):
+    _, processor = tiny()
+    encoded = processor.encode_prompt("<image>\nA photo of", [RED])
+    text = processor.tokenizer.decode(encoded.input_ids)
+    assert text.endswith("\nA photo of") and "<|im_start|>" not in text
