@@ -6,6 +6,7 @@ tower's mean/std. Text: every `<image>` marker in a message becomes that image's
     slices:    \\n <slice><image> x n</slice><slice>...</slice> \\n <slice>...       (rows separated by newlines)
 Chat formatting uses the tokenizer's chat template when it has one, else this plain template:
     [bos]{system}\\n\\nUser: {text}\\nAssistant: {text}{eos}\\nUser: ...
+(the generation prompt ends with "Assistant:", so the space before an answer is the answer's first token).
 Labels are built turn by turn: the tokens of assistant turn i are those that rendering turns 0..i adds to
 rendering turns 0..i-1 plus the generation prompt; nothing is found by splitting strings on separators (LLaVA's
 "tokenization mismatch" bug). A template for which that is not a prefix is refused with a clear error.
