@@ -184,6 +184,40 @@ def _cmd_unimm_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from mpm.chat import interactive, one_shot
+    from mpm.inference import ModelLoadError, load_model
+
+    if not args.interactive and not args.prompt:
+        raise ConfigError("give a message to answer, or --interactive")
+    try:
+        model, processor = load_model(args.model, device=args.device)
+    except ModelLoadError as exc:
+        raise ConfigError(str(exc)) from None
+    generation = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
+    if args.temperature > 0:
+        generation.update(temperature=args.temperature, top_p=args.top_p)
+    if args.interactive:
+        interactive(model, processor, **generation)
+        return 0
+    try:
+        print(one_shot(model, processor, args.prompt, args.image, raw=args.raw, **generation))
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    return 0
+
+
+def _cmd_export_llava(args: argparse.Namespace) -> int:
+    from mpm.export import ExportError, export_llava
+
+    try:
+        out = export_llava(args.model, args.out)
+    except ExportError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"wrote a LlavaForConditionalGeneration checkpoint to {out}")
+    return 0
+
+
 def _cmd_data_stats(args: argparse.Namespace) -> int:
     from dataproc.shard_layout import completed_shards, format_stats_table, total_stats
 
@@ -210,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="MPM toolkit: multilingual multimodal models trained on English image-text data.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (INFO level)")
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{data,unimm}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{data,unimm,chat,export}")
 
     data = groups.add_parser("data", help="image-text pairs: shard, inspect, synthesise")
     data_cmds = data.add_subparsers(dest="command", required=True, metavar="{shard,stats,synth}")
@@ -324,6 +358,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=50, help="number of images (default: 50; 118287 = COCO scale)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_unimm_synth)
+
+    p = groups.add_parser(
+        "chat",
+        help="talk to an image-to-text model (one message, or --interactive)",
+        description=(
+            "Answer a message about one or more images with an MPM checkpoint (or a LLaVA one). Without <image> "
+            "markers in the message, the images go first. --interactive starts a multi-turn session: /image PATH "
+            "adds an image to the next message, /reset forgets, /quit ends."
+        ),
+        epilog='example: mpm chat --model runs/sft --image cat.jpg "用中文描述这张图片"',
+    )
+    p.add_argument("prompt", nargs="?", help="the message (omit with --interactive)")
+    p.add_argument("--model", required=True, help="checkpoint folder (MPM, or LLaVA / exported)")
+    p.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
+    p.add_argument("--interactive", action="store_true", help="multi-turn session")
+    p.add_argument("--raw", action="store_true", help="send the message as a raw prompt, without the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    p.set_defaults(func=_cmd_chat)
+
+    export = groups.add_parser("export", help="convert checkpoints to other formats")
+    export_cmds = export.add_subparsers(dest="command", required=True, metavar="{llava}")
+    p = export_cmds.add_parser(
+        "llava",
+        help="an mlp checkpoint without slicing as a plain transformers LlavaForConditionalGeneration",
+        description=(
+            "Write a LLaVA checkpoint (weights, config, LlavaProcessor) that loads with transformers alone and gives "
+            "the same logits. Only checkpoints with the mlp connector, no slicing and a ViT tower can be LLaVA."
+        ),
+    )
+    p.add_argument("--model", required=True, help="MPM checkpoint folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_cmd_export_llava)
     return parser
 
 

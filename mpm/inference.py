@@ -1,0 +1,118 @@
+"""Loading a model for inference and the one batched generation function that chat, eval and the demo use."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mpm.modeling import MPMForConditionalGeneration
+from mpm.processor import MPMProcessor
+
+
+class ModelLoadError(ValueError):
+    """The folder does not hold a model this toolkit can run."""
+
+
+def load_model(path: str | os.PathLike, device: str = "auto", dtype=None, trust_remote_code: bool = False):
+    """(model, processor) from an MPM checkpoint or a LLaVA one (exported by `mpm export llava`, or native)."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path}: no config.json: not a saved model folder")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if model_type == "mpm":
+        model = MPMForConditionalGeneration.from_pretrained(path, dtype=dtype or "auto")
+        processor = MPMProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    elif model_type == "llava":
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype or "auto")
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    else:
+        raise ModelLoadError(
+            f"{path} holds a {model_type!r} model, not an MPM ('mpm') or LLaVA ('llava') image-to-text checkpoint"
+        )
+    return model.to(device).eval(), processor
+
+
+@dataclass
+class Request:
+    """One generation: images plus chat messages (the chat template is applied) or a raw prompt string with
+    `<image>` markers (no template: for models trained on raw prompts)."""
+
+    images: list[Image.Image | str] = field(default_factory=list)
+    messages: list[dict] | None = None
+    prompt: str | None = None
+
+
+def open_image(image: Image.Image | str | os.PathLike) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {str(image)!r} does not exist") from None
+    except (OSError, SyntaxError) as exc:
+        raise ValueError(f"image {str(image)!r} cannot be read: {exc}") from None
+
+
+@torch.no_grad()
+def generate(
+    model,
+    processor,
+    requests: list[Request],
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+) -> list[str]:
+    """Answers to `requests`, in order: batched, left-padded, greedy unless `do_sample`."""
+    sampling = {"do_sample": do_sample, **({"temperature": temperature, "top_p": top_p} if do_sample else {})}
+    answers: list[str] = []
+    device = next(model.parameters()).device
+    for start in range(0, len(requests), batch_size):
+        batch = requests[start : start + batch_size]
+        images = [[open_image(i) for i in r.images] for r in batch]
+        if isinstance(processor, MPMProcessor):
+            encoded = [
+                processor.encode_prompt(r.prompt if r.prompt is not None else r.messages, imgs)
+                for r, imgs in zip(batch, images)
+            ]
+            inputs = processor.collate(encoded, padding_side="left")
+            pixels = inputs["pixel_values"]
+            if pixels is not None:
+                pixels = pixels.to(device) if isinstance(pixels, torch.Tensor) else [p.to(device) for p in pixels]
+            new = model.generate(
+                inputs["input_ids"].to(device),
+                pixels,
+                inputs["attention_mask"].to(device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=processor.tokenizer.pad_token_id,
+                **sampling,
+            )
+            tokenizer = processor.tokenizer
+        else:  # a LLaVA checkpoint with its own processor
+            tokenizer = processor.tokenizer
+            tokenizer.padding_side = "left"
+            texts = [
+                r.prompt
+                if r.prompt is not None
+                else processor.apply_chat_template(r.messages, add_generation_prompt=True)
+                for r in batch
+            ]
+            flat = [im for imgs in images for im in imgs]
+            inputs = processor(images=flat or None, text=texts, return_tensors="pt", padding=True).to(device)
+            out = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
+            )
+            new = out[:, inputs["input_ids"].shape[1] :]
+        answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return answers
