@@ -207,6 +207,20 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_i2t(args: argparse.Namespace) -> int:
+    from mpm.inference import ModelLoadError
+    from mpm.recipes.i2t import train
+    from mpm.train_config import TrainConfig
+
+    cfg = load_config(TrainConfig, args.config, None, args.overrides)
+    try:
+        result = train(cfg, show_progress=not args.no_progress)
+    except ModelLoadError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"final model in {result.final}")
+    return 0
+
+
 def _cmd_export_llava(args: argparse.Namespace) -> int:
     from mpm.export import ExportError, export_llava
 
@@ -244,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="MPM toolkit: multilingual multimodal models trained on English image-text data.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (INFO level)")
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{data,unimm,chat,export}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{data,unimm,train,chat,export}")
 
     data = groups.add_parser("data", help="image-text pairs: shard, inspect, synthesise")
     data_cmds = data.add_subparsers(dest="command", required=True, metavar="{shard,stats,synth}")
@@ -379,6 +393,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--device", default="auto", help="auto|cpu|cuda")
     p.set_defaults(func=_cmd_chat)
+
+    train_group = groups.add_parser("train", help="train models (i2t: image-to-text)")
+    train_cmds = train_group.add_subparsers(dest="command", required=True, metavar="{i2t}")
+    p = train_cmds.add_parser(
+        "i2t",
+        help="MPM image-to-text training: stage pretrain (English pairs, LLM frozen) or sft (conversations)",
+        description=(
+            "Train an image-to-text MPM model with accelerate. stage: pretrain reads pair shards (mpm data shard) "
+            "with the LLM frozen; stage: sft reads conversations (LLaVA JSON, UniMM-Chat jsonl, ShareGPT) and trains "
+            "the LLM (full or LoRA). Rerunning the same command resumes exactly from the last checkpoint. Multi-GPU: "
+            "accelerate launch --config_file configs/accelerate/ddp.yaml -m mpm.cli train i2t --config ..."
+        ),
+        epilog="example: mpm train i2t --config configs/i2t/qwen2.5-0.5b_siglip_resampler_pretrain.yaml train.max_steps=2000",
+    )
+    p.add_argument("--config", required=True, help="YAML config (configs/i2t/)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.lr=1e-5")
+    p.set_defaults(func=_cmd_train_i2t)
 
     export = groups.add_parser("export", help="convert checkpoints to other formats")
     export_cmds = export.add_subparsers(dest="command", required=True, metavar="{llava}")

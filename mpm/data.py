@@ -1,0 +1,157 @@
+"""Training data for the image-to-text recipe: pair shards (stage 1) and conversations (stage 2).
+
+Both give `Encoded` samples (input ids, labels on assistant tokens, pixels) to a DataLoader. A sample that cannot
+be used (an unreadable image, a conversation that does not fit) is skipped and counted, with the reason and the
+file logged: the batch carries the list of skips so the main process can add them to its metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, IterableDataset, Sampler
+
+from dataproc.shards import iter_pairs
+from mpm.processor import Encoded, MPMProcessor, ProcessingError
+from unimm_chat.conversations import Conversation, read_conversations
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Skipped:
+    reason: str
+    where: str
+
+
+class PairCaptions(IterableDataset):
+    """Stage 1: pair shards -> "<image>\\n{an English caption instruction}" answered with the caption.
+
+    The instruction is picked by a hash of the sample key, so a resumed run sees exactly the same text.
+    """
+
+    def __init__(
+        self,
+        shards: list[str],
+        weights,
+        processor: MPMProcessor,
+        prompts: list[str],
+        max_length: int,
+        shuffle_buffer: int,
+        seed: int,
+    ):
+        self.shards, self.weights, self.processor = shards, weights, processor
+        self.prompts, self.max_length, self.shuffle_buffer, self.seed = prompts, max_length, shuffle_buffer, seed
+
+    def __iter__(self) -> Iterator[Encoded | Skipped]:
+        # without weights, the shard sets are one stream; with weights, a weighted mix of endless streams
+        pairs = iter_pairs(self.shards, weights=self.weights, shuffle_buffer=self.shuffle_buffer, seed=self.seed)
+        for pair in pairs:
+            key = pair.meta.get("__key__", "")
+            prompt = self.prompts[int(hashlib.md5(key.encode()).hexdigest(), 16) % len(self.prompts)]
+            messages = [
+                {"role": "user", "content": f"<image>\n{prompt}"},
+                {"role": "assistant", "content": pair.caption},
+            ]
+            try:
+                yield self.processor.encode_conversation(messages, [pair.image], self.max_length)
+            except ProcessingError as exc:
+                logger.warning("skipping sample %s: %s", key, exc)
+                yield Skipped(str(exc), key)
+
+
+class Conversations(Dataset):
+    """Stage 2: conversations from LLaVA JSON / UniMM-Chat jsonl / ShareGPT files, images from `image_folder`."""
+
+    def __init__(self, files: list[str], image_folder: str, processor: MPMProcessor, max_length: int):
+        self.items: list[Conversation] = [c for f in files for c in read_conversations(f)]
+        self.image_folder = Path(image_folder) if image_folder else None
+        self.processor, self.max_length = processor, max_length
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def length(self, index: int) -> int:
+        """A cheap size estimate for grouping batches by length (characters + a fixed cost per image)."""
+        conv = self.items[index]
+        return sum(len(m.content) for m in conv.messages) + 256 * len(conv.images)
+
+    def __getitem__(self, index: int) -> Encoded | Skipped:
+        from PIL import Image
+
+        conv = self.items[index]
+        images = []
+        for name in conv.images:
+            path = self.image_folder / name if self.image_folder else Path(name)
+            try:
+                with Image.open(path) as im:
+                    images.append(im.convert("RGB"))
+            except (OSError, SyntaxError) as exc:  # missing, truncated or not an image: skip this sample
+                logger.warning("skipping conversation %s: image %s: %s", conv.id, path, exc)
+                return Skipped(f"unreadable image ({type(exc).__name__})", str(path))
+        messages = [{"role": m.role, "content": m.content} for m in conv.messages]
+        try:
+            return self.processor.encode_conversation(messages, images, self.max_length)
+        except ProcessingError as exc:
+            logger.warning("skipping conversation %s: %s", conv.id, exc)
+            return Skipped(str(exc).split(":")[0], conv.id)
+
+
+class LengthGroupedSampler(Sampler[list[int]]):
+    """Batches of similar lengths (less padding), in a random order that depends only on (seed, epoch): shuffle,
+    cut into mega-batches of 50 batches, sort each by length, cut into batches, shuffle the batches."""
+
+    def __init__(
+        self, lengths: list[int], batch_size: int, seed: int, group: bool = True, rank: int = 0, world: int = 1
+    ):
+        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group
+        self.rank, self.world = rank, world
+        self.epoch = 0
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}:{epoch}")
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        size = self.batch_size * self.world
+        if self.group:
+            mega = size * 50
+            order = [
+                i
+                for s in range(0, len(order), mega)
+                for i in sorted(order[s : s + mega], key=lambda i: -self.lengths[i])
+            ]
+        batches = [order[s : s + size] for s in range(0, len(order) - size + 1, size)]  # whole batches only
+        rng.shuffle(batches)
+        return [b[self.rank :: self.world] for b in batches]  # each rank its share of every global batch
+
+    def __iter__(self):
+        return iter(self.batches(self.epoch))
+
+    def __len__(self) -> int:
+        return len(self.lengths) // (self.batch_size * self.world)
+
+
+def collate(processor: MPMProcessor, items: list[Encoded | Skipped]) -> dict:
+    """A padded batch of the usable items, and the list of skipped ones (for the metrics)."""
+    usable = [x for x in items if isinstance(x, Encoded)]
+    batch = processor.collate(usable) if usable else {}
+    batch["skipped"] = [x for x in items if isinstance(x, Skipped)]
+    return batch
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.to(device)
+        elif key == "pixel_values" and isinstance(value, list):
+            out[key] = [v.to(device) for v in value]
+        else:
+            out[key] = value
+    return out

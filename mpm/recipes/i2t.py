@@ -1,0 +1,184 @@
+"""The image-to-text recipe: `mpm train i2t --config configs/i2t/X.yaml` (stage: pretrain or sft).
+
+    stage pretrain (MPM stage 1): English pair shards; the LLM frozen; the connector (and optionally the vision
+        tower) learn to turn images into something the frozen multilingual LLM reads. VisCPM's point: the LLM's
+        other languages come along for free.
+    stage sft (stage 2): conversations (LLaVA JSON, UniMM-Chat jsonl, ShareGPT); the LLM trained (full or LoRA).
+
+The loop is plain accelerate: forward, loss, backward, clip, optimizer and scheduler steps, all visible below.
+Checkpoints hold the model, optimizer, scheduler, RNG states and the data position, so a resumed run continues
+exactly where the killed one was (same batches, same weights). Launch on several GPUs with
+`accelerate launch --config_file configs/accelerate/ddp.yaml -m mpm.cli train i2t --config ...` or torchrun.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from dataproc.config import config_to_dict
+from mpm.data import Conversations, LengthGroupedSampler, PairCaptions, collate, to_device
+from mpm.modeling import MPMForConditionalGeneration
+from mpm.train_config import TrainConfig
+from mpm.training import Checkpoints, Metrics, build_model, check_resume, save_final, set_trainable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    final: Path  # the saved final model (written by the main process)
+    model: MPMForConditionalGeneration  # this process's trained model (LoRA merged), e.g. to compare ranks
+
+
+def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
+    """Train to `train.max_steps` (resuming from the last checkpoint if there is one)."""
+    cfg.check_required()
+    t = cfg.train
+    out = Path(t.output_dir)
+
+    # 1. Accelerator, seed, the config this run is bound to -------------------------------------------------------
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # without it, accelerate ignores torchrun's processes on a CPU machine
+        gradient_accumulation_steps=t.grad_accum,
+        mixed_precision=t.mixed_precision,
+        log_with=t.report_to or None,
+        project_dir=str(out),
+    )
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        check_resume(out, cfg)
+    accelerator.wait_for_everyone()
+    set_seed(t.seed)
+
+    # 2. The model, what trains, the optimizer ---------------------------------------------------------------------
+    model, processor = build_model(cfg.model)
+    groups = set_trainable(model, t)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    trainable = [p for g in groups for p in g["params"]]
+
+    # 3. Resume: weights, optimizer, scheduler, RNG, and where in the data we were ---------------------------------
+    checkpoints = Checkpoints(out, t.keep_last)
+    accelerator.register_for_checkpointing(scheduler)
+    step, epoch, consumed = 0, 0, 0
+    latest = checkpoints.latest()
+    if latest is not None:
+        state = Checkpoints.load(accelerator, latest)
+        step, epoch, consumed = state["step"], state["epoch"], state["batches_in_epoch"]
+        logger.info("resuming from %s (step %d)", latest, step)
+    if t.report_to:
+        accelerator.init_trackers("mpm-i2t", config=_flat(config_to_dict(cfg)))
+
+    # 4. The loop ----------------------------------------------------------------------------------------------
+    d = cfg.data
+    conversations = (
+        Conversations(d.conversations, d.image_folder, processor, d.max_length) if t.stage == "sft" else None
+    )
+    metrics = Metrics(out, accelerator)
+    tally = {"loss": 0.0, "micro": 0, "tokens": 0, "samples": 0, "skipped": 0}
+    bar = tqdm(
+        total=t.max_steps, initial=step, unit=" steps", disable=not (show_progress and accelerator.is_main_process)
+    )
+    model.train()
+    while step < t.max_steps:
+        for batch in _batches(cfg, processor, accelerator, epoch, consumed, conversations):
+            consumed += 1
+            tally["skipped"] += len(batch.pop("skipped"))
+            if "input_ids" not in batch:
+                continue  # every sample of this micro-batch was skipped (counted above)
+            batch = to_device(batch, accelerator.device)
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            tally["loss"] += loss.item()
+            tally["micro"] += 1
+            tally["tokens"] += int(batch["attention_mask"].sum())
+            tally["samples"] += batch["input_ids"].shape[0]
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            bar.update()
+            bar.set_postfix_str(f"loss {loss.item():.3f}", refresh=False)
+            if step % t.log_every == 0 or step == t.max_steps:
+                metrics.log(step, {
+                    "loss": round(tally["loss"] / max(tally["micro"], 1), 5),
+                    "lr": scheduler.get_last_lr()[-1],
+                    "grad_norm": round(float(grad_norm), 5),
+                    "tokens": tally["tokens"],
+                    "samples": tally["samples"],
+                    "skipped": tally["skipped"],
+                })  # fmt: skip
+                tally = dict.fromkeys(tally, 0) | {"loss": 0.0}
+            if step % t.save_every == 0 or step == t.max_steps:
+                checkpoints.save(accelerator, step, {"step": step, "epoch": epoch, "batches_in_epoch": consumed})
+            if step >= t.max_steps:
+                break
+        else:  # the data ran out before max_steps: next epoch
+            epoch, consumed = epoch + 1, 0
+            continue
+        break
+    bar.close()
+
+    # 5. The final model, a plain checkpoint (LoRA merged) ---------------------------------------------------------
+    accelerator.wait_for_everyone()
+    final = out / "final"
+    model = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        save_final(model, processor, final)
+    accelerator.end_training()
+    return TrainResult(final, model)
+
+
+def _batches(cfg: TrainConfig, processor, accelerator, epoch: int, skip: int, conversations: Conversations | None):
+    """The micro-batches of one epoch for this rank, from batch number `skip` on (the data position to resume)."""
+    t, d = cfg.train, cfg.data
+    workers = {"num_workers": d.num_workers, "collate_fn": partial(collate, processor)}
+    if t.stage == "pretrain":
+        # Shards are split between ranks and workers inside the stream (webdataset); the seed changes per epoch.
+        stream = PairCaptions(
+            d.shards, d.weights, processor, d.caption_prompts, d.max_length, d.shuffle_buffer, t.seed + epoch
+        )
+        loader = DataLoader(stream, batch_size=t.batch_size, **workers)
+        for i, batch in enumerate(loader):
+            if i >= skip:
+                yield batch
+        return
+    dataset = conversations
+    sampler = LengthGroupedSampler(
+        [dataset.length(i) for i in range(len(dataset))], t.batch_size, t.seed, d.group_by_length,
+        accelerator.process_index, accelerator.num_processes,
+    )  # fmt: skip
+    batches = sampler.batches(epoch)[skip:]  # skipping batches costs nothing here: no image is opened
+    if not batches and epoch == 0 and skip == 0:
+        raise ValueError(
+            f"{len(dataset)} conversations give no whole batch of {t.batch_size} x {accelerator.num_processes} processes"
+        )
+    yield from DataLoader(dataset, batch_sampler=batches, **workers)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, int | float | str | bool) else str(v)
+    return out

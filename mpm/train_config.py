@@ -1,0 +1,128 @@
+"""Typed configuration of `mpm train i2t` (YAML in configs/i2t/, loaded with dataproc.config.load_config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dataproc.config import ConfigError, check_choice, check_range
+
+# English caption instructions for stage 1, as VisCPM samples them (finetune/utils/prompts.py has 10).
+CAPTION_PROMPTS = [
+    "Describe the image briefly.",
+    "Write a short caption for this picture.",
+    "What does this image show?",
+    "Give a one-sentence description of the photo.",
+    "Caption this image.",
+    "Summarize the content of the picture.",
+    "Describe what you see.",
+    "What is in this photo?",
+    "Provide a brief description of the image.",
+    "Tell me what this picture shows in a few words.",
+]
+
+
+@dataclass
+class ModelSection:
+    vision: str = ""  # a vision tower: folder or hub id (CLIP, SigLIP, ResNet, ConvNeXt)
+    llm: str = ""  # a causal LM: folder or hub id
+    tokenizer: str | None = None  # default: the LLM's
+    init_from: str | None = None  # an MPM checkpoint to start from (stage 2 after stage 1); replaces vision/llm
+    connector_type: str = "mlp"
+    num_queries: int = 64
+    connector_hidden_size: int | None = None
+    vision_feature_layer: int = -2
+    vision_feature_select: str = "patch"
+    image_size: int | None = None
+    use_slicing: bool = False
+    max_slices: int = 9
+    scale_resolution: int = 448
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False
+    r: int = 64
+    alpha: int = 64
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class DataSection:
+    shards: list[str] = field(default_factory=list)  # pretrain: pair shard sets (folders or brace patterns)
+    weights: list[float] | None = None  # pretrain: sampling weight per shard set
+    shuffle_buffer: int = 1000
+    caption_prompts: list[str] = field(default_factory=lambda: list(CAPTION_PROMPTS))
+    conversations: list[str] = field(default_factory=list)  # sft: LLaVA JSON, UniMM-Chat jsonl, ShareGPT files
+    image_folder: str = ""  # sft: where the conversations' image file names live
+    max_length: int = 2048
+    group_by_length: bool = True  # sft: batches of similar lengths (less padding)
+    num_workers: int = 2
+
+
+@dataclass
+class TrainSection:
+    stage: str = "pretrain"  # pretrain: LLM frozen, English pairs; sft: conversations, LLM trained (full or LoRA)
+    output_dir: str = ""
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # per device, per micro-step
+    grad_accum: int = 1
+    lr: float = 2e-5  # LLM (and vision tower) learning rate
+    connector_lr: float = 1e-3  # the connector learns from scratch: its own, larger rate
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    train_llm: bool | None = None  # default: False for pretrain, True for sft
+    vision: str = "frozen"  # frozen | full | last_n
+    vision_last_n: int = 2
+    lora: LoraSection = field(default_factory=LoraSection)
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 2
+    report_to: list[str] = field(default_factory=list)  # tensorboard, wandb
+
+    @property
+    def llm_trainable(self) -> bool:
+        """train_llm, or by default: frozen in pretrain (MPM stage 1), trained in sft."""
+        return self.train_llm if self.train_llm is not None else self.stage == "sft"
+
+    def __post_init__(self):
+        check_choice("train.stage", self.stage, ("pretrain", "sft"))
+        check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        check_choice("train.vision", self.vision, ("frozen", "full", "last_n"))
+        for name in ("max_steps", "batch_size", "grad_accum", "save_every", "log_every", "keep_last"):
+            check_range(f"train.{name}", getattr(self, name), 1)
+        unknown = [r for r in self.report_to if r not in ("tensorboard", "wandb")]
+        if unknown:
+            raise ConfigError(f"`train.report_to` knows tensorboard and wandb, got {unknown}")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def check_required(self) -> None:
+        if not self.train.output_dir:
+            raise ConfigError("train.output_dir is required")
+        if not self.model.init_from and not (self.model.vision and self.model.llm):
+            raise ConfigError(
+                "give model.vision and model.llm (pretrained parts), or model.init_from (an MPM checkpoint)"
+            )
+        if self.train.stage == "pretrain" and not self.data.shards:
+            raise ConfigError("stage pretrain reads pair shards: set data.shards (output folders of `mpm data shard`)")
+        if self.train.stage == "sft" and not self.data.conversations:
+            raise ConfigError(
+                "stage sft reads conversations: set data.conversations (LLaVA JSON, UniMM-Chat jsonl, ...)"
+            )
+        if self.train.lora.enabled and not self.train.llm_trainable:
+            raise ConfigError("train.lora.enabled trains the LLM through LoRA: set train.train_llm true")
+
+
+# Settings that may change when resuming: how long and how often, not what is trained.
+RESUMABLE = ("train.max_steps", "train.save_every", "train.log_every", "train.keep_last", "train.report_to")

@@ -1,0 +1,163 @@
+"""Leaf utilities the training recipe uses: building the model, choosing what trains, LoRA, checkpoints with exact
+resume, metrics. No loop here: the loop is in mpm/recipes/i2t.py, readable top to bottom."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from dataproc.config import ConfigError, diff_configs, load_config, save_config
+from dataproc.fileio import atomic_write_json
+from mpm.inference import ModelLoadError
+from mpm.modeling import MPMForConditionalGeneration
+from mpm.processor import MPMProcessor
+from mpm.train_config import RESUMABLE, ModelSection, TrainConfig, TrainSection
+
+logger = logging.getLogger(__name__)
+CHECKPOINTS = "checkpoints"
+
+
+def build_model(cfg: ModelSection) -> tuple[MPMForConditionalGeneration, MPMProcessor]:
+    """From an MPM checkpoint (`init_from`), or from pretrained parts and a new connector."""
+    if cfg.init_from:
+        folder = Path(cfg.init_from)
+        config_file = folder / "config.json"
+        model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+        if model_type != "mpm":
+            raise ModelLoadError(f"model.init_from {folder} holds a {model_type!r} model, not an MPM checkpoint")
+        return MPMForConditionalGeneration.from_pretrained(folder), MPMProcessor.from_pretrained(folder)
+    settings = {
+        k: v for k, v in vars(cfg).items() if k not in ("vision", "llm", "tokenizer", "init_from", "trust_remote_code")
+    }
+    if settings["image_size"] is None:
+        settings.pop("image_size")
+    return MPMForConditionalGeneration.from_parts(
+        cfg.vision,
+        cfg.llm,
+        tokenizer=cfg.tokenizer,
+        trust_remote_code=cfg.trust_remote_code,
+        dtype=torch.float32,
+        **settings,
+    )
+
+
+def set_trainable(model: MPMForConditionalGeneration, cfg: TrainSection) -> list[dict]:
+    """Freeze / unfreeze per the config; returns optimizer parameter groups (the connector at its own rate)."""
+    model.requires_grad_(False)
+    model.connector.requires_grad_(True)
+    if cfg.llm_trainable and not cfg.lora.enabled:
+        model.language_model.requires_grad_(True)
+    if cfg.vision == "full":
+        model.vision_tower.requires_grad_(True)
+    elif cfg.vision == "last_n":
+        tower = model.vision_tower
+        blocks = (
+            tower.encoder.layers
+            if hasattr(tower, "encoder") and hasattr(tower.encoder, "layers")
+            else tower.encoder.stages
+        )
+        for block in list(blocks)[-cfg.vision_last_n :]:
+            block.requires_grad_(True)
+        if hasattr(tower, "post_layernorm"):
+            tower.post_layernorm.requires_grad_(True)
+    if cfg.lora.enabled:
+        apply_lora(model, cfg)
+    connector = [p for p in model.connector.parameters() if p.requires_grad]
+    others = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("connector.")]
+    groups = [{"params": connector, "lr": cfg.connector_lr}]
+    if others:
+        groups.append({"params": others, "lr": cfg.lr})
+    return groups
+
+
+def apply_lora(model: MPMForConditionalGeneration, cfg: TrainSection) -> None:
+    """LoRA adapters on the LLM (peft); the base weights stay frozen."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise ImportError("train.lora needs peft: pip install peft") from exc
+    lora = cfg.lora
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
+    )
+    model.language_model = get_peft_model(model.language_model, config)
+
+
+def save_final(model: MPMForConditionalGeneration, processor: MPMProcessor, folder: Path) -> None:
+    """A plain MPM checkpoint: LoRA adapters are merged into the LLM (and also saved alone in `lora_adapter/`)."""
+    lm = model.language_model
+    if hasattr(lm, "merge_and_unload"):
+        lm.save_pretrained(folder / "lora_adapter")
+        model.language_model = lm.merge_and_unload()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+class Checkpoints:
+    """`{out}/checkpoints/step-XXXXXXX/`: accelerate's state (model, optimizer, scheduler, RNG) + state.json
+    (step and data position), written into a temporary folder and renamed, so a checkpoint is whole or absent."""
+
+    def __init__(self, out: Path, keep_last: int):
+        self.root = out / CHECKPOINTS
+        self.keep_last = keep_last
+
+    def latest(self) -> Path | None:
+        done = sorted(p for p in self.root.glob("step-*") if (p / "state.json").exists()) if self.root.exists() else []
+        return done[-1] if done else None
+
+    def save(self, accelerator, step: int, state: dict) -> Path:
+        final = self.root / f"step-{step:07d}"
+        tmp = self.root / f".tmp-step-{step:07d}"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            atomic_write_json(tmp / "state.json", state)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in sorted(p for p in self.root.glob("step-*"))[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    @staticmethod
+    def load(accelerator, folder: Path) -> dict:
+        accelerator.load_state(str(folder))
+        return json.loads((folder / "state.json").read_text())
+
+
+def check_resume(out: Path, cfg: TrainConfig) -> None:
+    """A run resumes only with the settings it started with (except how long and how often)."""
+    saved = out / "train_config.yaml"
+    if saved.exists():
+        previous = load_config(TrainConfig, saved)
+        changes = diff_configs(previous, cfg, ignore=RESUMABLE)
+        if changes and (out / CHECKPOINTS).exists():
+            listing = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
+            raise ConfigError(
+                f"{out} holds checkpoints of a run with other settings ({listing}). Use a new train.output_dir, or "
+                "delete its checkpoints to start over."
+            )
+    save_config(cfg, saved)
+
+
+class Metrics:
+    """One JSON line per logged step in {out}/metrics.jsonl (+ TensorBoard / W&B through accelerate if asked)."""
+
+    def __init__(self, out: Path, accelerator):
+        self.path = out / "metrics.jsonl"
+        self.accelerator = accelerator
+        self.start = time.time()
+
+    def log(self, step: int, values: dict) -> None:
+        values = {"step": step, **values, "elapsed_s": round(time.time() - self.start, 2)}
+        if self.accelerator.is_main_process:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(values) + "\n")
+        self.accelerator.log(values, step=step)

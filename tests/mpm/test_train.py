@@ -1,0 +1,186 @@
+"""The i2t recipe through the real CLI: pretrain on shards, SFT on conversations, exact resume, LoRA, 2 processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from dataproc.config import ConfigError, load_config
+from mpm.cli import main
+from mpm.modeling import MPMForConditionalGeneration
+from mpm.train_config import TrainConfig
+from mpm.training import save_final, set_trainable
+from tests.mpm.conftest import COLOURS
+
+REPO = Path(__file__).parents[2]
+TINY = str(REPO / "configs" / "i2t" / "tiny.yaml")
+
+
+def parts(tiny_parts) -> list[str]:
+    return [f"model.vision={tiny_parts[0]}", f"model.llm={tiny_parts[1]}"]
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_through_the_cli_lowers_the_loss(tiny_parts, colour_shards, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "i2t", "--config", TINY, "--no-progress", *parts(tiny_parts), f"data.shards=[{colour_shards}]",
+            f"train.output_dir={out}", "train.max_steps=60", "train.log_every=10", "train.save_every=30"]  # fmt: skip
+    assert main(args) == 0
+    curve = losses(out)  # the frozen LLM already writes "A ... picture."; the connector must tell it the colour
+    assert len(curve) == 6 and curve[-1] < 0.3 * curve[0], curve
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000030", "step-0000060"]
+    model = MPMForConditionalGeneration.from_pretrained(out / "final")
+    assert model.config.connector_type == "resampler"
+    # the LLM was frozen: its weights are the pretrained ones
+    llm = load_file(str(Path(tiny_parts[1]) / "model.safetensors"))
+    trained = model.language_model.state_dict()
+    assert torch.equal(trained["model.layers.0.mlp.up_proj.weight"], llm["model.layers.0.mlp.up_proj.weight"])
+
+
+def write_conversations(folder: Path, sliced: bool = False) -> Path:
+    """Conversations about coloured images; one refers to a missing image, one to a corrupt file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    size = (64, 64) if sliced else (40, 30)
+    for i in range(16):
+        name = list(COLOURS)[i % 4]
+        Image.new("RGB", size, COLOURS[name]).save(folder / f"{i}.png")
+        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is this?"}, {"from": "gpt", "value": f"It is {name}."},
+            {"from": "human", "value": "用中文说。"}, {"from": "gpt", "value": "这是颜色。"}]})  # fmt: skip
+    (folder / "broken.png").write_bytes(b"not a png")
+    records.append({"id": "missing", "image": "nowhere.png", "conversations": records[0]["conversations"]})
+    records.append({"id": "broken", "image": "broken.png", "conversations": records[0]["conversations"]})
+    (folder / "train.json").write_text(json.dumps(records, ensure_ascii=False))
+    return folder / "train.json"
+
+
+def sft_args(tiny_parts, conversations, out, *extra):
+    return ["train", "i2t", "--config", TINY, "--no-progress", *parts(tiny_parts), "train.stage=sft",
+            f"data.conversations=[{conversations}]", f"data.image_folder={conversations.parent}", f"train.output_dir={out}",
+            "train.max_steps=12", "train.log_every=4", "train.save_every=6", *extra]  # fmt: skip
+
+
+def test_sft_with_lora_skips_bad_images_and_slices(tiny_parts, tmp_path):
+    conversations = write_conversations(tmp_path / "data", sliced=True)
+    out = tmp_path / "sft"
+    extra = ["train.lora.enabled=true", "train.lora.r=4", "train.lora.alpha=8", "model.use_slicing=true",
+             "model.scale_resolution=32", "train.lr=5e-3"]  # fmt: skip
+    assert main(sft_args(tiny_parts, conversations, out, *extra)) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["skipped"] for r in rows) > 0  # the missing and the corrupt image, each time they come up
+    assert (out / "final" / "lora_adapter" / "adapter_config.json").exists()
+    model = MPMForConditionalGeneration.from_pretrained(out / "final")
+    assert model.config.use_slicing and not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_lora_checkpoint_reloads_to_identical_logits(tiny, tmp_path):
+    model, processor = tiny()
+    cfg = load_config(TrainConfig, None, None, ["train.stage=sft", "train.lora.enabled=true", "train.lora.r=4"]).train
+    set_trainable(model, cfg)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # LoRA starts as a no-op (B = 0): make it do something
+            param.data.normal_(0, 0.5)
+    batch = processor.collate([processor.encode_conversation(
+        [{"role": "user", "content": "<image>\nHi"}, {"role": "assistant", "content": "Red."}], [Image.new("RGB", (32, 32))])])  # fmt: skip
+    model.eval()
+    with torch.no_grad():
+        before = model(**batch).logits
+    save_final(model, processor, tmp_path / "final")
+    reloaded = MPMForConditionalGeneration.from_pretrained(tmp_path / "final").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**batch).logits, before, atol=1e-4)
+
+
+def test_exact_resume_on_weighted_streamed_shards_with_two_workers(tiny_parts, colour_shards, tmp_path):
+    common = [*parts(tiny_parts), f"data.shards=[{colour_shards},{colour_shards}]", "data.weights=[0.7,0.3]",
+              "data.num_workers=2", "train.max_steps=8", "train.save_every=4", "train.log_every=1"]  # fmt: skip
+    straight = tmp_path / "straight"
+    assert main(["train", "i2t", "--config", TINY, "--no-progress", *common, f"train.output_dir={straight}"]) == 0
+
+    resumed = tmp_path / "resumed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "mpm.cli",
+        "train",
+        "i2t",
+        "--config",
+        TINY,
+        "--no-progress",
+        *common,
+        f"train.output_dir={resumed}",
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (resumed / "checkpoints" / "step-0000004" / "state.json").exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # killed mid-run, after its step-4 checkpoint
+    proc.wait()
+    assert not (resumed / "final").exists()
+    assert main(["train", "i2t", "--config", TINY, "--no-progress", *common, f"train.output_dir={resumed}"]) == 0
+
+    a, b = (
+        load_file(str(straight / "final" / "model.safetensors")),
+        load_file(str(resumed / "final" / "model.safetensors")),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert losses(straight)[4:] == losses(resumed)[-4:]
+
+
+def test_resume_with_other_settings_is_refused(tiny_parts, tmp_path):
+    conversations = write_conversations(tmp_path / "data")
+    out = tmp_path / "sft"
+    assert main(sft_args(tiny_parts, conversations, out, "train.max_steps=6")) == 0
+    assert main(sft_args(tiny_parts, conversations, out, "train.max_steps=8")) == 0  # longer: fine, resumes
+    with pytest.raises(ConfigError, match=r"train.lr: 0.001 -> 0.01.*new train.output_dir"):
+        from mpm.recipes.i2t import train
+
+        train(
+            load_config(TrainConfig, TINY, None, sft_args(tiny_parts, conversations, out, "train.lr=0.01")[5:]),
+            show_progress=False,
+        )
+
+
+def test_init_from_a_checkpoint_of_another_model_type_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "llm" / "config.json").write_text('{"model_type": "qwen2"}')
+    args = [
+        "train",
+        "i2t",
+        "--config",
+        TINY,
+        f"model.init_from={tmp_path / 'llm'}",
+        "data.shards=[x]",
+        f"train.output_dir={tmp_path / 'o'}",
+    ]
+    assert main(args) == 2
+    assert "holds a 'qwen2' model, not an MPM checkpoint" in capsys.readouterr().err
+
+
+def test_two_processes_keep_identical_weights(tiny_parts, colour_shards, tmp_path):
+    out = tmp_path / "ddp"
+    script = REPO / "tests" / "mpm" / "ddp_train.py"
+    overrides = [*parts(tiny_parts), f"data.shards=[{colour_shards}]", f"train.output_dir={out}", "train.max_steps=4",
+                 "train.batch_size=2", "train.save_every=4"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), TINY, *overrides],
+                         cwd=REPO, capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    digests = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert digests[0]["world"] == digests[1]["world"] == 2
+    assert digests[0]["weights"] == digests[1]["weights"]
+    assert digests[0]["step"] == 4
