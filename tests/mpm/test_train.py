@@ -76,11 +76,12 @@ def test_sft_with_lora_skips_bad_images_and_slices(tiny_parts, tmp_path):
     conversations = write_conversations(tmp_path / "data", sliced=True)
     out = tmp_path / "sft"
     extra = ["train.lora.enabled=true", "train.lora.r=4", "train.lora.alpha=8", "model.use_slicing=true",
-             "model.scale_resolution=32", "train.lr=5e-3"]  # fmt: skip
+             "model.scale_resolution=32", "train.lr=5e-3", "train.report_to=[tensorboard]"]  # fmt: skip
     assert main(sft_args(tiny_parts, conversations, out, *extra)) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["skipped"] for r in rows) > 0  # the missing and the corrupt image, each time they come up
     assert (out / "final" / "lora_adapter" / "adapter_config.json").exists()
+    assert list(out.rglob("events.out.tfevents.*"))  # TensorBoard got the metrics too
     model = MPMForConditionalGeneration.from_pretrained(out / "final")
     assert model.config.use_slicing and not any("lora" in n for n, _ in model.named_parameters())
 
