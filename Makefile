@@ -30,3 +30,4 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_shard.py
 	$(BIN)/python benchmarks/bench_unimm.py
+	$(BIN)/python benchmarks/bench_i2t.py
