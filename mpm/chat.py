@@ -51,6 +51,11 @@ def interactive(
         messages.append({"role": "user", "content": content})
         images += pending
         pending = []
-        answer = generate(model, processor, [Request(list(images), messages=list(messages))], **generation)[0]
+        try:
+            answer = generate(model, processor, [Request(list(images), messages=list(messages))], **generation)[0]
+        except ValueError as exc:  # e.g. a chat template that refuses the conversation
+            messages.pop()
+            write(f"error: {exc}")
+            continue
         messages.append({"role": "assistant", "content": answer})
         write(f"model> {answer}")

@@ -41,7 +41,8 @@ class ResamplerConnector(nn.Module):
 
     Keys are the projected patch tokens plus a 2D sin-cos embedding of each token's place in its own slice grid
     (slices have different grids); values carry no position. Padding keys are masked. LayerNorms on queries, keys
-    and output, then an output projection. Heads: width / 128 (at least 1), as MiniCPM-V.
+    and output, then an output projection. Heads: width / 128 as MiniCPM-V (the largest divisor of the width not
+    above it, for widths such as 960).
     """
 
     def __init__(self, in_dim: int, out_dim: int, num_queries: int = 64):
@@ -49,7 +50,10 @@ class ResamplerConnector(nn.Module):
         self.num_queries = num_queries
         self.query = nn.Parameter(torch.randn(num_queries, out_dim) * 0.02)
         self.kv_proj = nn.Linear(in_dim, out_dim, bias=False) if in_dim != out_dim else nn.Identity()
-        self.attn = nn.MultiheadAttention(out_dim, max(1, out_dim // 128), batch_first=True)
+        heads = max(
+            h for h in range(1, max(1, out_dim // 128) + 1) if out_dim % h == 0
+        )  # width/128, or a divisor below
+        self.attn = nn.MultiheadAttention(out_dim, heads, batch_first=True)
         self.ln_q, self.ln_kv, self.ln_post = nn.LayerNorm(out_dim), nn.LayerNorm(out_dim), nn.LayerNorm(out_dim)
         self.proj = nn.Parameter(out_dim**-0.5 * torch.randn(out_dim, out_dim))
 

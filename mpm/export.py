@@ -32,6 +32,12 @@ def llava_config(model: MPMForConditionalGeneration) -> LlavaConfig:
         reasons.append(
             f"its vision tower is convolutional ({cfg.vision_config.model_type}); LLaVA reads ViT hidden states"
         )
+    tower_size = getattr(cfg.vision_config, "image_size", None)  # convolutional towers have none
+    if tower_size is not None and cfg.image_size != tower_size:
+        reasons.append(
+            f"it feeds {cfg.image_size}px images to a tower made for {tower_size}px (MPM interpolates "
+            "the position embeddings; LLaVA does not)"
+        )
     if cfg.connector_hidden_size not in (None, cfg.text_config.hidden_size):
         reasons.append("its MLP hidden width differs from the LLM width (LLaVA's projector uses the LLM width)")
     if reasons:
@@ -82,6 +88,7 @@ def export_llava(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     if not isinstance(model, MPMForConditionalGeneration):
         raise ExportError(f"{model_dir} is already a LLaVA checkpoint")
     llava = to_llava(model)
+    llava.generation_config = model.language_model.generation_config  # its end-of-turn tokens
     out = Path(out_dir)
     llava.save_pretrained(out)
     cfg = model.config

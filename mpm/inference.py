@@ -63,6 +63,18 @@ def open_image(image: Image.Image | str | os.PathLike) -> Image.Image:
         raise ValueError(f"image {str(image)!r} cannot be read: {exc}") from None
 
 
+def stop_tokens(model, tokenizer) -> list[int]:
+    """Generation ends at the LLM's own end tokens (a list for Llama-3 or Gemma) and at the tokenizer's eos."""
+    if isinstance(model, MPMForConditionalGeneration):
+        eos = model.language_model.generation_config.eos_token_id
+    else:
+        eos = model.generation_config.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -76,6 +88,7 @@ def generate(
 ) -> list[str]:
     """Answers to `requests`, in order: batched, left-padded, greedy unless `do_sample`."""
     sampling = {"do_sample": do_sample, **({"temperature": temperature, "top_p": top_p} if do_sample else {})}
+    sampling["eos_token_id"] = stop_tokens(model, processor.tokenizer)
     answers: list[str] = []
     device = next(model.parameters()).device
     for start in range(0, len(requests), batch_size):
@@ -109,7 +122,10 @@ def generate(
                 for r in batch
             ]
             flat = [im for imgs in images for im in imgs]
-            inputs = processor(images=flat or None, text=texts, return_tensors="pt", padding=True).to(device)
+            templated = any(r.prompt is None for r in batch)  # a chat template already wrote BOS: do not add another
+            inputs = processor(
+                images=flat or None, text=texts, return_tensors="pt", padding=True, add_special_tokens=not templated
+            ).to(device)
             out = model.generate(
                 **inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
             )

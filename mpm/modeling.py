@@ -71,6 +71,8 @@ class MPMForConditionalGeneration(PreTrainedModel):
                     tokens = self.connector(feats)
                 else:
                     grid = (height // cfg.patch_size, width // cfg.patch_size)
+                    if feats.shape[1] == grid[0] * grid[1] + 1:  # a CLS token ("full" selection): it has no grid place
+                        feats = feats[:, 1:]
                     tokens = self.connector(list(feats.unbind(0)), [grid] * len(indices))
             for i, t in zip(indices, tokens.unbind(0)):
                 out[i] = t
@@ -80,6 +82,12 @@ class MPMForConditionalGeneration(PreTrainedModel):
         """Token embeddings with every image placeholder replaced by its visual token. (B, T) -> (B, T, D)."""
         embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is None or len(pixel_values) == 0:
+            if self.training and torch.is_grad_enabled():
+                # A text-only batch: touch the trainable visual parameters with weight 0, so that data parallel
+                # training sees every parameter used (LLaVA does the same) and does not stop with "unused parameters".
+                visual = [p for p in [*self.connector.parameters(), *self.vision_tower.parameters()] if p.requires_grad]
+                if visual:
+                    embeds = embeds + 0.0 * sum(p.sum() for p in visual).to(embeds.dtype)
             return embeds
         features = torch.cat(self.image_tokens(pixel_values), dim=0).to(embeds.dtype)
         mask = input_ids == self.config.image_token_id
@@ -103,6 +111,22 @@ class MPMForConditionalGeneration(PreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values)
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also saves the LLM's generation config (its end-of-turn tokens, e.g. Llama-3's or Gemma's eos lists)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        self.language_model.generation_config.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        from transformers import GenerationConfig
+
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        try:
+            model.language_model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path)
+        except OSError:  # saved without one: the LLM's defaults stay
+            pass
+        return model
 
     @classmethod
     def from_parts(cls, vision, llm, tokenizer=None, connector_type: str = "mlp", **kwargs):

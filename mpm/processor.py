@@ -129,7 +129,10 @@ class MPMProcessor:
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         tok = self.tokenizer
         if tok.chat_template:
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            try:
+                return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            except Exception as exc:  # jinja2.TemplateError: the template refuses (e.g. Gemma: no system role)
+                raise ProcessingError(f"the chat template refuses this conversation: {exc}") from None
         text = tok.bos_token or ""
         for m in messages:
             if m["role"] == "system":
@@ -180,7 +183,7 @@ class MPMProcessor:
         for n_tensors, n_tokens in per_image:
             first, last = positions[seen], positions[seen + n_tokens - 1]
             if last >= cut:
-                cut = first
+                cut = min(cut, first)
                 break
             seen += n_tokens
             kept_tensors += n_tensors
@@ -193,9 +196,9 @@ class MPMProcessor:
 
     def encode_prompt(self, messages: list[dict] | str, images: list[Image.Image]) -> Encoded:
         """Generation inputs: chat messages (template + generation prompt) or a raw prompt with <image> markers."""
-        if isinstance(messages, str):
+        if isinstance(messages, str):  # raw text: tokenized as the tokenizer does by default (its BOS included)
             expanded, pixels, _ = self._expand([{"role": "user", "content": messages}], images)
-            return Encoded(self._ids(expanded[0]["content"]), [], pixels)
+            return Encoded(self.tokenizer(expanded[0]["content"])["input_ids"], [], pixels)
         expanded, pixels, _ = self._expand(messages, images)
         return Encoded(self._ids(self.render(expanded, add_generation_prompt=True)), [], pixels)
 

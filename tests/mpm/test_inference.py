@@ -57,6 +57,7 @@ def test_export_llava_round_trip(saved, tmp_path, vision):
         ({"connector": "resampler"}, "connector is 'resampler'"),
         ({"use_slicing": True}, "slices images"),
         ({"vision": "resnet"}, "convolutional"),
+        ({"image_size": 48}, "made for 32px"),
     ],
 )
 def test_export_refuses_what_llava_cannot_express(saved, tmp_path, kwargs, reason):
