@@ -8,11 +8,12 @@ batch in placeholder order: a (N, 3, H, W) tensor when all have one size, else a
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mpm.configuration import MPMConfig
@@ -119,13 +120,9 @@ class MPMForConditionalGeneration(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        from transformers import GenerationConfig
-
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        try:
+        with contextlib.suppress(OSError):  # saved without one: the LLM's defaults stay
             model.language_model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path)
-        except OSError:  # saved without one: the LLM's defaults stay
-            pass
         return model
 
     @classmethod
