@@ -45,13 +45,15 @@ class PairCaptions(IterableDataset):
         max_length: int,
         shuffle_buffer: int,
         seed: int,
+        resampled: bool = False,
     ):
         self.shards, self.weights, self.processor = shards, weights, processor
         self.prompts, self.max_length, self.shuffle_buffer, self.seed = prompts, max_length, shuffle_buffer, seed
+        self.resampled = resampled
 
     def __iter__(self) -> Iterator[Encoded | Skipped]:
         # without weights, the shard sets are one stream; with weights, a weighted mix of endless streams
-        pairs = iter_pairs(self.shards, weights=self.weights, shuffle_buffer=self.shuffle_buffer, seed=self.seed)
+        pairs = iter_pairs(self.shards, self.weights, self.shuffle_buffer, self.seed, resampled=self.resampled)
         for pair in pairs:
             key = pair.meta.get("__key__", "")
             prompt = self.prompts[int(hashlib.md5(key.encode()).hexdigest(), 16) % len(self.prompts)]

@@ -56,9 +56,12 @@ def from_parts(
     tokens = [
         config_kwargs.get(k, getattr(MPMConfig, k)) for k in ("image_token", "slice_start_token", "slice_end_token")
     ]
+    known = len(tok)
     tok.add_tokens(tokens, special_tokens=True)
     if lm.get_input_embeddings().weight.shape[0] < len(tok):  # new rows get the mean embedding
         lm.resize_token_embeddings(len(tok), mean_resizing=True)
+    elif len(tok) > known:  # the vocabulary is padded (Qwen2): the tokens take spare, never-trained rows
+        _set_rows_to_mean(lm, range(known, len(tok)), known)
     config = MPMConfig(
         vision_config=vision_model.config,
         text_config=lm.config,
@@ -78,3 +81,14 @@ def from_parts(
     model.language_model = lm
     model.connector = build_connector(config).to(next(lm.parameters()).dtype)
     return model, MPMProcessor(tok, config)
+
+
+@torch.no_grad()
+def _set_rows_to_mean(lm, rows: range, known: int) -> None:
+    """Give embedding rows the mean of the first `known` (trained) rows, in the input and output embeddings."""
+    matrices = [lm.get_input_embeddings().weight]
+    output = lm.get_output_embeddings()
+    if output is not None and output.weight is not matrices[0]:  # untied
+        matrices.append(output.weight)
+    for weight in matrices:
+        weight[rows.start : rows.stop] = weight[:known].mean(0)

@@ -94,7 +94,7 @@ class TrainSection:
         check_choice("train.stage", self.stage, ("pretrain", "sft"))
         check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         check_choice("train.vision", self.vision, ("frozen", "full", "last_n"))
-        for name in ("max_steps", "batch_size", "grad_accum", "save_every", "log_every", "keep_last"):
+        for name in ("max_steps", "batch_size", "grad_accum", "save_every", "log_every", "keep_last", "vision_last_n"):
             check_range(f"train.{name}", getattr(self, name), 1)
         unknown = [r for r in self.report_to if r not in ("tensorboard", "wandb")]
         if unknown:
@@ -124,5 +124,6 @@ class TrainConfig:
             raise ConfigError("train.lora.enabled trains the LLM through LoRA: set train.train_llm true")
 
 
-# Settings that may change when resuming: how long and how often, not what is trained.
-RESUMABLE = ("train.max_steps", "train.save_every", "train.log_every", "train.keep_last", "train.report_to")
+# Settings that may change when resuming: how often, not what is trained. Not train.max_steps: the learning-rate
+# schedule is laid out over it, so a new length would make the rate jump.
+RESUMABLE = ("train.save_every", "train.log_every", "train.keep_last", "train.report_to")

@@ -52,19 +52,9 @@ def set_trainable(model: MPMForConditionalGeneration, cfg: TrainSection) -> list
     model.connector.requires_grad_(True)
     if cfg.llm_trainable and not cfg.lora.enabled:
         model.language_model.requires_grad_(True)
-    if cfg.vision == "full":
-        model.vision_tower.requires_grad_(True)
-    elif cfg.vision == "last_n":
-        tower = model.vision_tower
-        blocks = (
-            tower.encoder.layers
-            if hasattr(tower, "encoder") and hasattr(tower.encoder, "layers")
-            else tower.encoder.stages
-        )
-        for block in list(blocks)[-cfg.vision_last_n :]:
-            block.requires_grad_(True)
-        if hasattr(tower, "post_layernorm"):
-            tower.post_layernorm.requires_grad_(True)
+    if cfg.vision != "frozen":
+        for module in vision_modules_to_train(model, None if cfg.vision == "full" else cfg.vision_last_n):
+            module.requires_grad_(True)
     if cfg.lora.enabled:
         apply_lora(model, cfg)
     connector = [p for p in model.connector.parameters() if p.requires_grad]
@@ -73,6 +63,23 @@ def set_trainable(model: MPMForConditionalGeneration, cfg: TrainSection) -> list
     if others:
         groups.append({"params": others, "lr": cfg.lr})
     return groups
+
+
+def vision_modules_to_train(model: MPMForConditionalGeneration, last_n: int | None) -> list[torch.nn.Module]:
+    """The vision modules whose output reaches the connector: the blocks up to the feature layer (its last `last_n`,
+    or all of them with the embeddings when None). Blocks past the feature layer, and heads or final norms the
+    connector never reads, stay frozen: they would get no gradient, yet weight decay would still move them."""
+    tower, cfg = model.vision_tower, model.config
+    encoder = tower.encoder
+    blocks = list(encoder.layers if hasattr(encoder, "layers") else encoder.stages)
+    used = cfg.vision_feature_layer % (len(blocks) + 1)  # hidden_states = (embeddings, block 1, ..., block N)
+    modules = blocks[:used] if last_n is None else blocks[max(used - last_n, 0) : used]
+    if last_n is None:
+        stem = [getattr(tower, name, None) for name in ("embeddings", "embedder", "pre_layrnorm")]
+        modules += [m for m in stem if m is not None]
+    if cfg.connector_type == "bridge" and used == len(blocks):  # the bridge normalises the last layer's output
+        modules.append(tower.post_layernorm)
+    return modules
 
 
 def apply_lora(model: MPMForConditionalGeneration, cfg: TrainSection) -> None:
@@ -100,7 +107,8 @@ def save_final(model: MPMForConditionalGeneration, processor: MPMProcessor, fold
 
 class Checkpoints:
     """`{out}/checkpoints/step-XXXXXXX/`: accelerate's state (model, optimizer, scheduler, RNG) + state.json
-    (step and data position), written into a temporary folder and renamed, so a checkpoint is whole or absent."""
+    (step and data position, the same on every rank), written into a temporary folder and renamed, so a checkpoint
+    is whole or absent."""
 
     def __init__(self, out: Path, keep_last: int):
         self.root = out / CHECKPOINTS

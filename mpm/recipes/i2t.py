@@ -25,13 +25,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from dataproc.config import config_to_dict
+from dataproc.config import ConfigError, config_to_dict
 from mpm.data import Conversations, LengthGroupedSampler, PairCaptions, collate, to_device
 from mpm.modeling import MPMForConditionalGeneration
 from mpm.train_config import TrainConfig
 from mpm.training import Checkpoints, Metrics, build_model, check_resume, save_final, set_trainable
 
 logger = logging.getLogger(__name__)
+# What a micro-batch whose every sample was skipped runs instead, with zero weight (see the loop).
+FILLER = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hello"}]
 
 
 @dataclass
@@ -88,6 +90,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
         Conversations(d.conversations, d.image_folder, processor, d.max_length) if t.stage == "sft" else None
     )
     metrics = Metrics(out, accelerator)
+    filler = collate(processor, [processor.encode_conversation(FILLER, [])])
     tally = {"loss": 0.0, "micro": 0, "tokens": 0, "samples": 0, "skipped": 0}
     bar = tqdm(
         total=t.max_steps, initial=step, unit=" steps", disable=not (show_progress and accelerator.is_main_process)
@@ -97,20 +100,23 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
         for batch in _batches(cfg, processor, accelerator, epoch, consumed, conversations):
             consumed += 1
             tally["skipped"] += len(batch.pop("skipped"))
-            if "input_ids" not in batch:
-                continue  # every sample of this micro-batch was skipped (counted above)
-            batch = to_device(batch, accelerator.device)
+            # A micro-batch whose samples were all skipped (counted above) runs a tiny text-only batch with zero
+            # weight instead: so every rank consumes micro-batches in lockstep, and the one data position in a
+            # checkpoint is every rank's.
+            usable = "input_ids" in batch
+            batch = to_device(batch if usable else filler, accelerator.device)
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
-                accelerator.backward(loss)
+                accelerator.backward(loss if usable else loss * 0)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            tally["loss"] += loss.item()
-            tally["micro"] += 1
-            tally["tokens"] += int(batch["attention_mask"].sum())
-            tally["samples"] += batch["input_ids"].shape[0]
+            if usable:
+                tally["loss"] += loss.item()
+                tally["micro"] += 1
+                tally["tokens"] += int(batch["attention_mask"].sum())
+                tally["samples"] += batch["input_ids"].shape[0]
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
@@ -118,6 +124,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
             bar.update()
             bar.set_postfix_str(f"loss {loss.item():.3f}", refresh=False)
             if step % t.log_every == 0 or step == t.max_steps:
+                _check_some_usable(accelerator, tally)
                 metrics.log(step, {
                     "loss": round(tally["loss"] / max(tally["micro"], 1), 5),
                     "lr": scheduler.get_last_lr()[-1],
@@ -132,6 +139,8 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
             if step >= t.max_steps:
                 break
         else:  # the data ran out before max_steps: next epoch
+            if consumed == 0:
+                raise ConfigError("the training data gave no batch in a whole pass (see the warnings above)")
             epoch, consumed = epoch + 1, 0
             continue
         break
@@ -150,12 +159,21 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
 def _batches(cfg: TrainConfig, processor, accelerator, epoch: int, skip: int, conversations: Conversations | None):
     """The micro-batches of one epoch for this rank, from batch number `skip` on (the data position to resume)."""
     t, d = cfg.train, cfg.data
-    workers = {"num_workers": d.num_workers, "collate_fn": partial(collate, processor)}
+    workers = {
+        "num_workers": d.num_workers,
+        "collate_fn": partial(collate, processor),
+        # The loader's own generator (workers' seeds) leaves the global RNG alone: dropout masks after a resume
+        # are then the same as in an uninterrupted run.
+        "generator": torch.Generator().manual_seed(t.seed * 1000 + epoch),
+    }
     if t.stage == "pretrain":
         # Shards are split between ranks and workers inside the stream (webdataset); the seed changes per epoch.
+        # With several processes each rank draws shards with replacement, endlessly: split shards would give
+        # ranks unequal numbers of batches, and DDP would wait forever for the rank that ran out.
         stream = PairCaptions(
-            d.shards, d.weights, processor, d.caption_prompts, d.max_length, d.shuffle_buffer, t.seed + epoch
-        )
+            d.shards, d.weights, processor, d.caption_prompts, d.max_length, d.shuffle_buffer, t.seed + epoch,
+            resampled=accelerator.num_processes > 1,
+        )  # fmt: skip
         loader = DataLoader(stream, batch_size=t.batch_size, **workers)
         for i, batch in enumerate(loader):
             if i >= skip:
@@ -166,12 +184,23 @@ def _batches(cfg: TrainConfig, processor, accelerator, epoch: int, skip: int, co
         [dataset.length(i) for i in range(len(dataset))], t.batch_size, t.seed, d.group_by_length,
         accelerator.process_index, accelerator.num_processes,
     )  # fmt: skip
-    batches = sampler.batches(epoch)[skip:]  # skipping batches costs nothing here: no image is opened
-    if not batches and epoch == 0 and skip == 0:
-        raise ValueError(
-            f"{len(dataset)} conversations give no whole batch of {t.batch_size} x {accelerator.num_processes} processes"
+    if len(sampler) == 0:
+        raise ConfigError(
+            f"{len(dataset)} conversations give no whole batch of train.batch_size {t.batch_size} x "
+            f"{accelerator.num_processes} processes: lower train.batch_size or use fewer processes"
         )
+    batches = sampler.batches(epoch)[skip:]  # skipping batches costs nothing here: no image is opened
     yield from DataLoader(dataset, batch_sampler=batches, **workers)
+
+
+def _check_some_usable(accelerator, tally: dict) -> None:
+    """Stop, rather than train on nothing, when no rank had a usable sample since the last log."""
+    usable = accelerator.reduce(torch.tensor(tally["micro"], device=accelerator.device), reduction="sum")
+    if int(usable) == 0:
+        raise ConfigError(
+            f"no usable training sample since the last log ({tally['skipped']} skipped on this process, reasons in "
+            "the warnings above): check data.image_folder, the images, and data.max_length"
+        )
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -22,7 +22,8 @@ def main() -> None:
     for name, tensor in sorted(result.model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().contiguous().numpy().tobytes())
-    step = json.loads((Path(cfg.train.output_dir) / "checkpoints" / "step-0000004" / "state.json").read_text())["step"]
+    latest = sorted((Path(cfg.train.output_dir) / "checkpoints").glob("step-*"))[-1]
+    step = json.loads((latest / "state.json").read_text())["step"]
     record = {"world": state.num_processes, "weights": digest.hexdigest(), "step": step}
     (Path(cfg.train.output_dir) / f"rank{state.process_index}.json").write_text(json.dumps(record))
 

@@ -119,3 +119,17 @@ def test_interactive_session_with_several_images(saved, tmp_path):
     assert any("added to your next message" in s for s in said)
     assert any("error: image 'nowhere.png' does not exist" in s for s in said)
     assert sum(s.startswith("model>") for s in said) == 3 and "(conversation reset)" in said
+
+
+def test_end_of_turn_tokens_survive_save_and_export(tiny, tmp_path):
+    from mpm.inference import stop_tokens
+
+    model, processor = tiny()
+    end_of_turn = processor.tokenizer.convert_tokens_to_ids("<|im_start|>")  # stands for Llama-3's <|eot_id|>
+    model.language_model.generation_config.eos_token_id = [processor.tokenizer.eos_token_id, end_of_turn]
+    model.save_pretrained(tmp_path / "mpm")
+    processor.save_pretrained(tmp_path / "mpm")
+    reloaded, reprocessor = load_model(tmp_path / "mpm", device="cpu")
+    assert end_of_turn in stop_tokens(reloaded, reprocessor.tokenizer)
+    llava, llava_processor = load_model(export_llava(tmp_path / "mpm", tmp_path / "llava"), device="cpu")
+    assert end_of_turn in stop_tokens(llava, llava_processor.tokenizer)

@@ -66,3 +66,28 @@ def test_bridge_needs_a_vit_and_unknown_towers_are_refused(tiny):
         tiny("resnet", "qwen2", "bridge")
     with pytest.raises(ValueError, match="vision towers of type 'dinov2' are not supported"):
         MPMConfig(vision_config=Dinov2Config(), connector_type="mlp")
+
+
+def test_text_only_batch_in_training_touches_the_connector(tiny):
+    model, processor = tiny()
+    batch = processor.collate([processor.encode_conversation(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], [])])  # fmt: skip
+    assert batch.get("pixel_values") is None
+    model.train()
+    model(**batch).loss.backward()
+    # zero gradients, but gradients: data-parallel training needs every trainable parameter used in every step
+    assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in model.connector.parameters())
+
+
+def test_tokens_added_to_a_padded_vocabulary_start_at_the_mean_embedding():
+    from tests.mpm.conftest import make_tokenizer, text_config, vision_config
+
+    tok = make_tokenizer()
+    known = len(tok)
+    model, _ = MPMForConditionalGeneration.from_parts(
+        vision_config("clip"), text_config("llama", known + 8), tokenizer=tok, image_size=32
+    )  # a vocabulary padded past the tokenizer (as Qwen2's): no resize, the tokens take spare rows
+    for weight in (model.get_input_embeddings().weight, model.language_model.get_output_embeddings().weight):
+        assert weight.shape[0] == known + 8
+        assert torch.allclose(weight[known : known + 3], weight[:known].mean(0).expand(3, -1))
+        assert not torch.allclose(weight[known + 3], weight[:known].mean(0))  # spare rows left alone

@@ -88,6 +88,22 @@ def test_truncation_never_cuts_image_placeholders(tiny):
     assert torch.isfinite(model(**processor.collate([cut])).loss)
     with pytest.raises(ProcessingError, match="longer than max_length=10"):
         processor.encode_conversation(DIALOGUE, [RED, BLUE], max_length=10)
+    first_answer = next(i for i, label in enumerate(full.labels) if label != IGNORE_INDEX)
+    for max_length in range(first_answer + 1, len(full.input_ids)):  # every cut: within bounds, whole images
+        cut = processor.encode_conversation(DIALOGUE, [RED, BLUE], max_length=max_length)
+        placeholders = sum(t == image_id for t in cut.input_ids)
+        assert len(cut.input_ids) <= max_length and placeholders == 16 * len(cut.pixel_values)
+
+
+def test_a_template_that_refuses_a_conversation_is_a_processing_error(tiny):
+    tok = make_tokenizer()
+    tok.chat_template = (  # as Gemma's: no system role
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + tok.chat_template
+    )
+    _, processor = tiny(tokenizer=tok)
+    with pytest.raises(ProcessingError, match="System role not supported"):
+        processor.encode_conversation(DIALOGUE, [RED, BLUE])
 
 
 @pytest.mark.parametrize("connector", ["mlp", "resampler"])

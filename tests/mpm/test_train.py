@@ -146,14 +146,18 @@ def test_resume_with_other_settings_is_refused(tiny_parts, tmp_path):
     conversations = write_conversations(tmp_path / "data")
     out = tmp_path / "sft"
     assert main(sft_args(tiny_parts, conversations, out, "train.max_steps=6")) == 0
-    assert main(sft_args(tiny_parts, conversations, out, "train.max_steps=8")) == 0  # longer: fine, resumes
-    with pytest.raises(ConfigError, match=r"train.lr: 0.001 -> 0.01.*new train.output_dir"):
-        from mpm.recipes.i2t import train
+    args = sft_args(tiny_parts, conversations, out, "train.max_steps=6", "train.log_every=3")
+    assert main(args) == 0  # how often to log may change: resumes (and finds the run done)
+    from mpm.recipes.i2t import train
 
-        train(
-            load_config(TrainConfig, TINY, None, sft_args(tiny_parts, conversations, out, "train.lr=0.01")[5:]),
-            show_progress=False,
-        )
+    for change, message in (("train.lr=0.01", "train.lr: 0.001 -> 0.01"), ("train.max_steps=8", "max_steps: 6 -> 8")):
+        with pytest.raises(ConfigError, match=message + ".*new train.output_dir"):
+            train(
+                load_config(
+                    TrainConfig, TINY, None, sft_args(tiny_parts, conversations, out, "train.max_steps=6", change)[5:]
+                ),
+                show_progress=False,
+            )
 
 
 def test_init_from_a_checkpoint_of_another_model_type_is_a_clear_error(tmp_path, capsys):
@@ -172,11 +176,17 @@ def test_init_from_a_checkpoint_of_another_model_type_is_a_clear_error(tmp_path,
     assert "holds a 'qwen2' model, not an MPM checkpoint" in capsys.readouterr().err
 
 
-def test_two_processes_keep_identical_weights(tiny_parts, colour_shards, tmp_path):
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_two_processes_keep_identical_weights(tiny_parts, colour_shards, tmp_path, stage):
     out = tmp_path / "ddp"
     script = REPO / "tests" / "mpm" / "ddp_train.py"
-    overrides = [*parts(tiny_parts), f"data.shards=[{colour_shards}]", f"train.output_dir={out}", "train.max_steps=4",
-                 "train.batch_size=2", "train.save_every=4"]  # fmt: skip
+    overrides = [*parts(tiny_parts), f"train.output_dir={out}", "train.max_steps=4", "train.save_every=4"]
+    if stage == "pretrain":
+        overrides += [f"data.shards=[{colour_shards}]", "train.batch_size=2"]
+    else:  # one sample per rank and micro-batch: the missing and the broken image leave one rank with nothing
+        conversations = write_conversations(tmp_path / "data")
+        overrides += ["train.stage=sft", f"data.conversations=[{conversations}]", f"data.image_folder={conversations.parent}",
+                      "train.batch_size=1", "train.max_steps=10", "train.save_every=5", "train.vision=last_n"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), TINY, *overrides],
                          cwd=REPO, capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
@@ -184,4 +194,43 @@ def test_two_processes_keep_identical_weights(tiny_parts, colour_shards, tmp_pat
     digests = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert digests[0]["world"] == digests[1]["world"] == 2
     assert digests[0]["weights"] == digests[1]["weights"]
-    assert digests[0]["step"] == 4
+    assert digests[0]["step"] == (4 if stage == "pretrain" else 10)
+    if stage == "sft":
+        assert "skipping conversation missing" in run.stderr and "skipping conversation broken" in run.stderr
+
+
+def trainable_vision(model) -> set[str]:
+    return {n.split(".")[1] + ("." + n.split(".")[3] if ".layers." in n or ".stages." in n else "")
+            for n, p in model.named_parameters() if p.requires_grad and n.startswith("vision_tower.")}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("build", "vision", "expected"),
+    [
+        ({}, "last_n", {"encoder.0"}),  # hidden state -2 of 2 blocks: block 2 never reaches the connector
+        ({}, "full", {"embeddings", "pre_layrnorm", "encoder.0"}),
+        ({"vision_feature_layer": -1}, "last_n", {"encoder.0", "encoder.1"}),
+        ({"connector": "bridge", "vision_feature_layer": -1}, "full",
+         {"embeddings", "pre_layrnorm", "encoder.0", "encoder.1", "post_layernorm"}),  # the bridge normalises
+        ({"vision": "resnet"}, "last_n", {"encoder.0", "encoder.1"}),
+        ({"vision": "resnet"}, "full", {"embedder", "encoder.0", "encoder.1"}),
+    ],
+)  # fmt: skip
+def test_only_the_vision_layers_that_feed_the_connector_train(tiny, build, vision, expected):
+    model, _ = tiny(**build)
+    set_trainable(
+        model, load_config(TrainConfig, None, None, [f"train.vision={vision}", "train.vision_last_n=2"]).train
+    )
+    assert trainable_vision(model) == expected
+
+
+def test_data_that_gives_nothing_is_a_clear_error(tiny_parts, tmp_path, capsys):
+    conversations = write_conversations(tmp_path / "data")
+    records = json.loads(conversations.read_text())
+    assert main(sft_args(tiny_parts, conversations, tmp_path / "big", "train.batch_size=32")) == 2
+    assert "18 conversations give no whole batch of train.batch_size 32 x 1 processes" in capsys.readouterr().err
+    for record in records:
+        record["image"] = "nowhere.png"
+    conversations.write_text(json.dumps(records))
+    assert main(sft_args(tiny_parts, conversations, tmp_path / "none")) == 2
+    assert "no usable training sample since the last log (16 skipped" in capsys.readouterr().err
