@@ -31,19 +31,24 @@ def build_model(cfg: ModelSection) -> tuple[MPMForConditionalGeneration, MPMProc
         if model_type != "mpm":
             raise ModelLoadError(f"model.init_from {folder} holds a {model_type!r} model, not an MPM checkpoint")
         return MPMForConditionalGeneration.from_pretrained(folder), MPMProcessor.from_pretrained(folder)
-    settings = {
-        k: v for k, v in vars(cfg).items() if k not in ("vision", "llm", "tokenizer", "init_from", "trust_remote_code")
-    }
-    if settings["image_size"] is None:
-        settings.pop("image_size")
     return MPMForConditionalGeneration.from_parts(
         cfg.vision,
         cfg.llm,
         tokenizer=cfg.tokenizer,
         trust_remote_code=cfg.trust_remote_code,
         dtype=torch.float32,
-        **settings,
+        **mpm_settings(cfg),
     )
+
+
+def mpm_settings(cfg: ModelSection) -> dict:
+    """The MPMConfig fields among the model section's settings."""
+    settings = {
+        k: v for k, v in vars(cfg).items() if k not in ("vision", "llm", "tokenizer", "init_from", "trust_remote_code")
+    }
+    if settings["image_size"] is None:  # the vision tower's own size
+        settings.pop("image_size")
+    return settings
 
 
 def set_trainable(model: MPMForConditionalGeneration, cfg: TrainSection) -> list[dict]:
