@@ -31,3 +31,4 @@ bench: setup
 	$(BIN)/python benchmarks/bench_shard.py
 	$(BIN)/python benchmarks/bench_unimm.py
 	$(BIN)/python benchmarks/bench_i2t.py
+	$(BIN)/python benchmarks/bench_resume.py

@@ -1,5 +1,7 @@
 """The one reader of pair shards for trainers: `iter_pairs` streams (image, caption, metadata).
 
+`iter_samples` + `decode_pair` are the same stream in two steps, for readers that skip samples cheaply.
+
 Both the image-to-text and the text-to-image recipes read `mpm data shard` output through it. The on-disk
 format is described in `dataproc.shard_layout`.
 """
@@ -62,7 +64,8 @@ def shard_urls(pattern: str | Sequence[str]) -> list[str]:
     return urls
 
 
-def _decode_pair(sample: dict, bad: BadSampleCounter) -> Pair | None:
+def decode_pair(sample: dict, bad: BadSampleCounter) -> Pair | None:
+    """A raw sample from `iter_samples` as a `Pair`, or None (counted and logged in `bad`) when it cannot be."""
     key = sample.get("__key__", "?")
     try:
         field_name = next((f for f in IMAGE_FIELDS if f in sample), None)
@@ -107,6 +110,25 @@ def iter_pairs(
     gets disjoint shards (webdataset's split_by_node / split_by_worker).
     """
     bad = bad_samples if bad_samples is not None else BadSampleCounter()
+    samples = iter_samples(patterns, weights, shuffle_buffer, seed, resampled, bad)
+    return wds.DataPipeline(samples, wds.map(partial(decode_pair, bad=bad)), wds.select(_is_pair))
+
+
+def iter_samples(
+    patterns: str | Sequence[str] | Sequence[Sequence[str]],
+    weights: Sequence[float] | None = None,
+    shuffle_buffer: int = 1000,
+    seed: int = 0,
+    resampled: bool = False,
+    bad_samples: BadSampleCounter | None = None,
+) -> IterableDataset:
+    """The raw samples behind `iter_pairs` (webdataset dicts of bytes), in the same order, not yet decoded.
+
+    For a reader that must pass over many samples cheaply (a trainer resuming mid-stream reads their bytes but
+    does not decode them) and turns the others into pairs with `decode_pair`. Same arguments as `iter_pairs`;
+    `bad_samples` counts unreadable shards here.
+    """
+    bad = bad_samples if bad_samples is not None else BadSampleCounter()
     if weights is None:
         return _pipeline(shard_urls(patterns), resampled, seed, shuffle_buffer, bad)
     sets = list(patterns)
@@ -131,7 +153,6 @@ def _pipeline(
     stages.append(wds.tarfile_to_samples(handler=_shard_error_handler(bad)))
     if shuffle_buffer:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)))
-    stages += [wds.map(partial(_decode_pair, bad=bad)), wds.select(_is_pair)]
     return wds.DataPipeline(*stages)
 
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset, IterableDataset, Sampler
+from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
-from dataproc.shards import iter_pairs
+from dataproc.shards import BadSampleCounter, decode_pair, iter_samples
 from mpm.processor import Encoded, MPMProcessor, ProcessingError
 from unimm_chat.conversations import Conversation, read_conversations
 
@@ -30,10 +30,18 @@ class Skipped:
     where: str
 
 
+@dataclass
+class Passed:
+    """A sample read but not decoded: it lies before the data position a resumed run starts from."""
+
+
 class PairCaptions(IterableDataset):
     """Stage 1: pair shards -> "<image>\\n{an English caption instruction}" answered with the caption.
 
-    The instruction is picked by a hash of the sample key, so a resumed run sees exactly the same text.
+    The instruction is picked by a hash of the sample key, so a resumed run sees exactly the same text. Every
+    sample of the stream gives one item (an undecodable image a `Skipped`), so a position in batches maps to a
+    number of samples per DataLoader worker: resuming at batch `skip_batches` passes over that many samples
+    without decoding them (`Passed`), instead of decoding and encoding everything before the position.
     """
 
     def __init__(
@@ -46,16 +54,31 @@ class PairCaptions(IterableDataset):
         shuffle_buffer: int,
         seed: int,
         resampled: bool = False,
+        batch_size: int = 1,
+        skip_batches: int = 0,
     ):
         self.shards, self.weights, self.processor = shards, weights, processor
         self.prompts, self.max_length, self.shuffle_buffer, self.seed = prompts, max_length, shuffle_buffer, seed
-        self.resampled = resampled
+        self.resampled, self.batch_size, self.skip_batches = resampled, batch_size, skip_batches
 
-    def __iter__(self) -> Iterator[Encoded | Skipped]:
+    def __iter__(self) -> Iterator[Encoded | Skipped | Passed]:
         # without weights, the shard sets are one stream; with weights, a weighted mix of endless streams
-        pairs = iter_pairs(self.shards, self.weights, self.shuffle_buffer, self.seed, resampled=self.resampled)
-        for pair in pairs:
-            key = pair.meta.get("__key__", "")
+        bad = BadSampleCounter()
+        samples = iter_samples(self.shards, self.weights, self.shuffle_buffer, self.seed, self.resampled, bad)
+        # The DataLoader takes batch i from worker i % workers, so this worker made these batches before the
+        # position (or more, if another worker's stream ended first: the trainer drops all of them anyway).
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        passed = len(range(worker, self.skip_batches, workers)) * self.batch_size
+        for n, sample in enumerate(samples):
+            if n < passed:
+                yield Passed()
+                continue
+            key = sample.get("__key__", "")
+            pair = decode_pair(sample, bad)
+            if pair is None:
+                yield Skipped("undecodable sample", key)
+                continue
             prompt = self.prompts[int(hashlib.md5(key.encode()).hexdigest(), 16) % len(self.prompts)]
             messages = [
                 {"role": "user", "content": f"<image>\n{prompt}"},
@@ -144,6 +167,7 @@ def collate(processor: MPMProcessor, items: list[Encoded | Skipped]) -> dict:
     usable = [x for x in items if isinstance(x, Encoded)]
     batch = processor.collate(usable) if usable else {}
     batch["skipped"] = [x for x in items if isinstance(x, Skipped)]
+    batch["passed"] = sum(isinstance(x, Passed) for x in items)
     return batch
 
 

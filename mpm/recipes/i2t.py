@@ -90,7 +90,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
         Conversations(d.conversations, d.image_folder, processor, d.max_length) if t.stage == "sft" else None
     )
     metrics = Metrics(out, accelerator)
-    filler = collate(processor, [processor.encode_conversation(FILLER, [])])
+    filler = processor.collate([processor.encode_conversation(FILLER, [])])
     tally = {"loss": 0.0, "micro": 0, "tokens": 0, "samples": 0, "skipped": 0}
     bar = tqdm(
         total=t.max_steps, initial=step, unit=" steps", disable=not (show_progress and accelerator.is_main_process)
@@ -170,14 +170,19 @@ def _batches(cfg: TrainConfig, processor, accelerator, epoch: int, skip: int, co
         # Shards are split between ranks and workers inside the stream (webdataset); the seed changes per epoch.
         # With several processes each rank draws shards with replacement, endlessly: split shards would give
         # ranks unequal numbers of batches, and DDP would wait forever for the rank that ran out.
+        # The batches before `skip` come through again, made of samples read but not decoded (cheap), and are
+        # dropped here: so the DataLoader's order of workers is the one of the interrupted run.
         stream = PairCaptions(
             d.shards, d.weights, processor, d.caption_prompts, d.max_length, d.shuffle_buffer, t.seed + epoch,
-            resampled=accelerator.num_processes > 1,
+            resampled=accelerator.num_processes > 1, batch_size=t.batch_size, skip_batches=skip,
         )  # fmt: skip
         loader = DataLoader(stream, batch_size=t.batch_size, **workers)
         for i, batch in enumerate(loader):
-            if i >= skip:
-                yield batch
+            if i < skip:
+                continue
+            if batch.pop("passed"):
+                raise RuntimeError(f"batch {i} holds samples passed over for resuming from batch {skip}")
+            yield batch
         return
     dataset = conversations
     sampler = LengthGroupedSampler(
@@ -190,7 +195,9 @@ def _batches(cfg: TrainConfig, processor, accelerator, epoch: int, skip: int, co
             f"{accelerator.num_processes} processes: lower train.batch_size or use fewer processes"
         )
     batches = sampler.batches(epoch)[skip:]  # skipping batches costs nothing here: no image is opened
-    yield from DataLoader(dataset, batch_sampler=batches, **workers)
+    for batch in DataLoader(dataset, batch_sampler=batches, **workers):
+        batch.pop("passed")
+        yield batch
 
 
 def _check_some_usable(accelerator, tally: dict) -> None:

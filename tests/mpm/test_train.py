@@ -1,10 +1,12 @@
 """The i2t recipe through the real CLI: pretrain on shards, SFT on conversations, exact resume, LoRA, 2 processes."""
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -107,7 +109,8 @@ def test_lora_checkpoint_reloads_to_identical_logits(tiny, tmp_path):
 
 def test_exact_resume_on_weighted_streamed_shards_with_two_workers(tiny_parts, colour_shards, tmp_path):
     common = [*parts(tiny_parts), f"data.shards=[{colour_shards},{colour_shards}]", "data.weights=[0.7,0.3]",
-              "data.num_workers=2", "train.max_steps=8", "train.save_every=4", "train.log_every=1"]  # fmt: skip
+              "data.num_workers=2", "train.max_steps=7", "train.save_every=3", "train.log_every=1"]  # fmt: skip
+    # resuming at batch 3 (odd): the next batch comes from the second DataLoader worker
     straight = tmp_path / "straight"
     assert main(["train", "i2t", "--config", TINY, "--no-progress", *common, f"train.output_dir={straight}"]) == 0
 
@@ -126,10 +129,10 @@ def test_exact_resume_on_weighted_streamed_shards_with_two_workers(tiny_parts, c
     ]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not (resumed / "checkpoints" / "step-0000004" / "state.json").exists() and time.monotonic() < deadline:
+    while not (resumed / "checkpoints" / "step-0000003" / "state.json").exists() and time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # killed mid-run, after its step-4 checkpoint
+    os.killpg(proc.pid, signal.SIGKILL)  # killed mid-run, after its step-3 checkpoint
     proc.wait()
     assert not (resumed / "final").exists()
     assert main(["train", "i2t", "--config", TINY, "--no-progress", *common, f"train.output_dir={resumed}"]) == 0
@@ -139,7 +142,7 @@ def test_exact_resume_on_weighted_streamed_shards_with_two_workers(tiny_parts, c
         load_file(str(resumed / "final" / "model.safetensors")),
     )
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
-    assert losses(straight)[4:] == losses(resumed)[-4:]
+    assert losses(straight)[3:] == losses(resumed)[-4:]
 
 
 def test_resume_with_other_settings_is_refused(tiny_parts, tmp_path):
@@ -234,3 +237,16 @@ def test_data_that_gives_nothing_is_a_clear_error(tiny_parts, tmp_path, capsys):
     conversations.write_text(json.dumps(records))
     assert main(sft_args(tiny_parts, conversations, tmp_path / "none")) == 2
     assert "no usable training sample since the last log (16 skipped" in capsys.readouterr().err
+    # an endless (weighted) shard stream where no image decodes: an error, not a run that never yields a batch
+    shards = tmp_path / "bad_shards"
+    shards.mkdir()
+    with tarfile.open(shards / "00000.tar", "w") as tar:
+        for i in range(8):
+            for ext, payload in [("jpg", b"not a jpeg"), ("txt", b"A red picture.")]:
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    args = ["train", "i2t", "--config", TINY, "--no-progress", *parts(tiny_parts), f"data.shards=[{shards}]",
+            "data.weights=[1.0]", f"train.output_dir={tmp_path / 'bad'}"]  # fmt: skip
+    assert main(args) == 2
+    assert "no usable training sample since the last log (8 skipped" in capsys.readouterr().err
