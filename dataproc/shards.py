@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 
 from dataproc.shard_layout import IMAGE_FIELDS
+from dataproc.sharder.images import upright_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def decode_pair(sample: dict, bad: BadSampleCounter) -> Pair | None:
         if field_name is None:
             raise ValueError(f"no image field among {sorted(k for k in sample if not k.startswith('__'))}")
         with Image.open(io.BytesIO(sample[field_name])) as im:
-            image = im.convert("RGB")
+            image = upright_rgb(im)  # shards from other tools may hold RGBA, 16-bit or EXIF-rotated images
         caption = sample["txt"].decode("utf-8") if "txt" in sample else ""
         meta = json.loads(sample["json"]) if "json" in sample else {}
     except Exception as exc:  # the policy: any undecodable sample is counted, logged and skipped

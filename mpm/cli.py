@@ -186,7 +186,7 @@ def _cmd_unimm_synth(args: argparse.Namespace) -> int:
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     from mpm.chat import interactive, one_shot
-    from mpm.inference import ModelLoadError, load_model
+    from mpm.inference import ModelLoadError, load_model, open_image
 
     if not args.interactive and not args.prompt:
         raise ConfigError("give a message to answer, or --interactive")
@@ -197,11 +197,13 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     generation = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
     if args.temperature > 0:
         generation.update(temperature=args.temperature, top_p=args.top_p)
-    if args.interactive:
-        interactive(model, processor, **generation)
-        return 0
     try:
-        print(one_shot(model, processor, args.prompt, args.image, raw=args.raw, **generation))
+        if args.interactive:  # --image and the message, if given, are the first turn's
+            for path in args.image:
+                open_image(path)  # a missing or unreadable image is an error before the session starts
+            interactive(model, processor, images=args.image, first=args.prompt, **generation)
+        else:
+            print(one_shot(model, processor, args.prompt, args.image, raw=args.raw, **generation))
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     return 0
@@ -383,10 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog='example: mpm chat --model runs/sft --image cat.jpg "用中文描述这张图片"',
     )
-    p.add_argument("prompt", nargs="?", help="the message (omit with --interactive)")
+    p.add_argument("prompt", nargs="?", help="the message (with --interactive: the first one, optional)")
     p.add_argument("--model", required=True, help="checkpoint folder (MPM, or LLaVA / exported)")
     p.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
-    p.add_argument("--interactive", action="store_true", help="multi-turn session")
+    p.add_argument(
+        "--interactive", action="store_true", help="multi-turn session (--image and the message, if given, start it)"
+    )
     p.add_argument("--raw", action="store_true", help="send the message as a raw prompt, without the chat template")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

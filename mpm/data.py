@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from dataproc.shards import BadSampleCounter, decode_pair, iter_samples
-from mpm.processor import Encoded, MPMProcessor, ProcessingError
+from mpm.processor import Encoded, MPMProcessor, ProcessingError, open_image
 from unimm_chat.conversations import Conversation, read_conversations
 
 logger = logging.getLogger(__name__)
@@ -108,16 +108,13 @@ class Conversations(Dataset):
         return sum(len(m.content) for m in conv.messages) + 256 * len(conv.images)
 
     def __getitem__(self, index: int) -> Encoded | Skipped:
-        from PIL import Image
-
         conv = self.items[index]
         images = []
         for name in conv.images:
             path = self.image_folder / name if self.image_folder else Path(name)
             try:
-                with Image.open(path) as im:
-                    images.append(im.convert("RGB"))
-            except (OSError, SyntaxError) as exc:  # missing, truncated or not an image: skip this sample
+                images.append(open_image(path))
+            except (FileNotFoundError, ValueError) as exc:  # missing, truncated, too large or not an image: skip
                 logger.warning("skipping conversation %s: image %s: %s", conv.id, path, exc)
                 return Skipped(f"unreadable image ({type(exc).__name__})", str(path))
         messages = [{"role": m.role, "content": m.content} for m in conv.messages]

@@ -15,6 +15,7 @@ from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGen
 
 from mpm.inference import ModelLoadError, load_model
 from mpm.modeling import MPMForConditionalGeneration
+from mpm.processor import PLAIN_CHAT_TEMPLATE
 
 
 class ExportError(ValueError):
@@ -106,6 +107,7 @@ def export_llava(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
         vision_feature_select_strategy=llava.config.vision_feature_select_strategy,
         image_token=cfg.image_token,
         num_additional_image_tokens=1 if clip else 0,
-        chat_template=processor.tokenizer.chat_template,
+        # the format the model was trained with: the LLM's template, or the plain one MPM uses without it
+        chat_template=processor.tokenizer.chat_template or PLAIN_CHAT_TEMPLATE,
     ).save_pretrained(out)
     return out

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mpm.modeling import MPMForConditionalGeneration
-from mpm.processor import MPMProcessor
+from mpm.processor import MPMProcessor, open_image
 
 
 class ModelLoadError(ValueError):
@@ -51,18 +51,6 @@ class Request:
     prompt: str | None = None
 
 
-def open_image(image: Image.Image | str | os.PathLike) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    try:
-        with Image.open(image) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {str(image)!r} does not exist") from None
-    except (OSError, SyntaxError) as exc:
-        raise ValueError(f"image {str(image)!r} cannot be read: {exc}") from None
-
-
 def stop_tokens(model, tokenizer) -> list[int]:
     """Generation ends at the LLM's own end tokens (a list for Llama-3 or Gemma) and at the tokenizer's eos."""
     if isinstance(model, MPMForConditionalGeneration):
@@ -86,7 +74,15 @@ def generate(
     top_p: float = 1.0,
     batch_size: int = 8,
 ) -> list[str]:
-    """Answers to `requests`, in order: batched, left-padded, greedy unless `do_sample`."""
+    """Answers to `requests`, in order: batched, left-padded, greedy unless `do_sample`. A reasoning block the
+    model opens its answer with (Qwen3's `<think>...</think>`) is left out of the answer."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    for i, r in enumerate(requests):
+        if (r.messages is None) == (r.prompt is None):
+            raise ValueError(
+                f"request {i} must have either `messages` or `prompt`, not {'both' if r.prompt else 'neither'}"
+            )
     sampling = {"do_sample": do_sample, **({"temperature": temperature, "top_p": top_p} if do_sample else {})}
     sampling["eos_token_id"] = stop_tokens(model, processor.tokenizer)
     answers: list[str] = []
@@ -130,5 +126,13 @@ def generate(
                 **inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
             )
             new = out[:, inputs["input_ids"].shape[1] :]
-        answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        answers += [without_reasoning(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     return answers
+
+
+def without_reasoning(text: str) -> str:
+    """The answer after a leading `<think>...</think>` block (kept whole when the block is never closed)."""
+    text = text.strip()
+    if text.startswith("<think>") and "</think>" in text:
+        text = text.split("</think>", 1)[1].strip()
+    return text

@@ -3,6 +3,8 @@ models get their language model from (t2i imports this; it never copies it)."""
 
 from __future__ import annotations
 
+import os
+
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedModel
 
 
@@ -23,10 +25,10 @@ def load_llm(
     else:
         model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
     if tokenizer is None:
-        if not isinstance(llm, str):
+        if not isinstance(llm, str | os.PathLike):
             raise ValueError("`tokenizer` is needed when the LLM is given as a config or a model object")
         tokenizer = AutoTokenizer.from_pretrained(llm, trust_remote_code=trust_remote_code)
-    elif isinstance(tokenizer, str):
+    elif isinstance(tokenizer, str | os.PathLike):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:

@@ -14,22 +14,31 @@ from mpm.vision import probe_patch_size
 
 
 def load_vision(vision, dtype=None, trust_remote_code: bool = False) -> tuple[PreTrainedModel, list, list]:
-    """(vision model, image mean, image std) from a folder or hub id (a full CLIP/SigLIP checkpoint gives its
-    vision half), a loaded model, or a config (random weights, for tests)."""
+    """(vision model, image mean, image std) from a folder or hub id, a loaded model, or a config (random
+    weights, for tests). A full CLIP/SigLIP checkpoint or model gives its vision half."""
     if isinstance(vision, PreTrainedModel):
-        return vision, list(CLIP_MEAN), list(CLIP_STD)
+        inner = getattr(vision, "vision_model", None)
+        if isinstance(inner, PreTrainedModel):  # a full CLIPModel / SiglipModel: its vision half
+            vision = inner
+        return (vision, *default_stats(vision.config))
     if isinstance(vision, PreTrainedConfig):
-        model_class = MODEL_MAPPING[type(vision)]
-        return model_class(vision), list(CLIP_MEAN), list(CLIP_STD)
+        return (MODEL_MAPPING[type(vision)](vision), *default_stats(vision))
     config = AutoConfig.from_pretrained(vision, trust_remote_code=trust_remote_code)
     vision_config = getattr(config, "vision_config", config)  # CLIPConfig / SiglipConfig hold a vision_config
     model = MODEL_MAPPING[type(vision_config)].from_pretrained(vision, dtype=dtype or "auto")
     try:
         image_processor = AutoImageProcessor.from_pretrained(vision)
         mean, std = list(image_processor.image_mean), list(image_processor.image_std)
-    except (OSError, ValueError, AttributeError):  # no preprocessor_config.json: the CLIP statistics
-        mean, std = list(CLIP_MEAN), list(CLIP_STD)
+    except (OSError, ValueError, AttributeError):  # no preprocessor_config.json: the statistics of the family
+        mean, std = default_stats(vision_config)
     return model, mean, std
+
+
+def default_stats(vision_config) -> tuple[list, list]:
+    """Image mean and std a tower family was trained with, when no image processor file says (SigLIP: 0.5)."""
+    if vision_config.model_type.startswith("siglip"):
+        return [0.5] * 3, [0.5] * 3
+    return list(CLIP_MEAN), list(CLIP_STD)
 
 
 def from_parts(
@@ -49,10 +58,14 @@ def from_parts(
         tokenizer: the LLM's tokenizer (an object or a folder); loaded from `llm` when it is a path.
         connector_type: "mlp", "resampler" or "bridge"; other MPMConfig fields go in `config_kwargs`.
     The image and slice tokens are added to the tokenizer and the LLM's embeddings resized (new rows get the mean
-    embedding). The pretrained weights are used as they are; only the connector is new.
+    embedding). The pretrained weights are used as they are; only the connector is new. The whole model has one
+    dtype: `dtype`, else the LLM's.
     """
     vision_model, mean, std = load_vision(vision, dtype, trust_remote_code)
     lm, tok = load_llm(llm, tokenizer, dtype, trust_remote_code)
+    # One dtype for the whole model: the one asked for, else the LLM's (parts are often stored in different ones,
+    # e.g. an fp32 CLIP and a bf16 Qwen2.5, and the connector sits between them).
+    vision_model.to(next(lm.parameters()).dtype)
     tokens = [
         config_kwargs.get(k, getattr(MPMConfig, k)) for k in ("image_token", "slice_start_token", "slice_end_token")
     ]

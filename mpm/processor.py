@@ -4,12 +4,15 @@ Images: resized to `image_size` (or sliced MiniCPM-V style, see mpm/slicing.py),
 tower's mean/std. Text: every `<image>` marker in a message becomes that image's placeholders
     overview:  <image> x n                                  (n visual tokens: patches, or the connector's queries)
     slices:    \\n <slice><image> x n</slice><slice>...</slice> \\n <slice>...       (rows separated by newlines)
-Chat formatting uses the tokenizer's chat template when it has one, else this plain template:
+Chat formatting uses the tokenizer's chat template when it has one, else this plain template (PLAIN_CHAT_TEMPLATE,
+also written into exported checkpoints):
     [bos]{system}\\n\\nUser: {text}\\nAssistant: {text}{eos}\\nUser: ...
 (the generation prompt ends with "Assistant:", so the space before an answer is the answer's first token).
 Labels are built turn by turn: the tokens of assistant turn i are those that rendering turns 0..i adds to
 rendering turns 0..i-1 plus the generation prompt; nothing is found by splitting strings on separators (LLaVA's
-"tokenization mismatch" bug). A template for which that is not a prefix is refused with a clear error.
+"tokenization mismatch" bug). Templates that render a turn differently once later turns follow (Qwen3 gives only
+the last answer its empty <think> block) are handled by finding the answer's text after its generation prompt in
+the full rendering; a template for which even that fails is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -24,11 +27,35 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
+from dataproc.sharder.images import upright_rgb
 from mpm.configuration import MPMConfig
 from mpm.slicing import slice_image
 
 IGNORE_INDEX = -100
 PROCESSOR_FILE = "mpm_processor.json"
+PLAIN_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] + '\\n\\n' }}"
+    "{% elif m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\\n' }}"
+    "{% else %}{{ 'Assistant: ' + m['content'] + eos_token + '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def open_image(image: Image.Image | str | os.PathLike) -> Image.Image:
+    """A path or PIL image as the model sees it: upright (EXIF), RGB, transparency on white, as in the shards.
+    Raises FileNotFoundError or ValueError (unreadable, truncated, too large, unsupported mode) with the path."""
+    if isinstance(image, Image.Image):
+        return upright_rgb(image)
+    try:
+        with Image.open(image) as im:
+            return upright_rgb(im)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {str(image)!r} does not exist") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"image {str(image)!r} cannot be read: {exc}") from None
 
 
 class ProcessingError(ValueError):
@@ -109,7 +136,10 @@ class MPMProcessor:
         marker = self.config.image_token
         found = sum(m["content"].count(marker) for m in messages)
         if found != len(images):
-            raise ProcessingError(f"the conversation has {found} {marker} markers but {len(images)} images")
+            raise ProcessingError(
+                f"the conversation has {found} {marker} marker{'s' * (found != 1)} but {len(images)} "
+                f"image{'s' * (len(images) != 1)}"
+            )
         pixels: list[torch.Tensor] = []
         per_image: list[tuple[int, int]] = []  # (tensors, placeholder tokens) of each image
         expanded, k = [], 0
@@ -128,22 +158,15 @@ class MPMProcessor:
     # text ------------------------------------------------------------------------------------------------------
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         tok = self.tokenizer
-        if tok.chat_template:
-            try:
-                return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-            except Exception as exc:  # jinja2.TemplateError: the template refuses (e.g. Gemma: no system role)
-                raise ProcessingError(f"the chat template refuses this conversation: {exc}") from None
-        text = tok.bos_token or ""
-        for m in messages:
-            if m["role"] == "system":
-                text += f"{m['content']}\n\n"
-            elif m["role"] == "user":
-                text += f"User: {m['content']}\n"
-            else:
-                text += f"Assistant: {m['content']}{tok.eos_token}\n"
-        if add_generation_prompt:
-            text += "Assistant:"
-        return text
+        try:
+            return tok.apply_chat_template(
+                messages,
+                chat_template=tok.chat_template or PLAIN_CHAT_TEMPLATE,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+        except Exception as exc:  # jinja2.TemplateError: the template refuses (e.g. Gemma: no system role)
+            raise ProcessingError(f"the chat template refuses this conversation: {exc}") from None
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -155,24 +178,37 @@ class MPMProcessor:
         if not messages or messages[-1]["role"] != "assistant":
             raise ProcessingError("the conversation must end with an assistant turn")
         expanded, pixels, per_image = self._expand(messages, images)
-        input_ids = self._ids(self.render(expanded, add_generation_prompt=False))
+        full = self.render(expanded, add_generation_prompt=False)
+        input_ids = self._ids(full)
         labels = [IGNORE_INDEX] * len(input_ids)
         for i, message in enumerate(expanded):
             if message["role"] != "assistant":
                 continue
             if not message["content"].strip():
                 raise ProcessingError(f"assistant turn {i} is empty")
-            start = self._ids(self.render(expanded[:i], add_generation_prompt=True))
+            prompt = self.render(expanded[:i], add_generation_prompt=True)
+            start = self._ids(prompt)
             end = self._ids(self.render(expanded[: i + 1], add_generation_prompt=False))
+            if input_ids[: len(end)] != end:  # rendered otherwise when more turns follow: find the answer's text
+                end = self._answer_end(full, prompt, message["content"], input_ids)
             if end[: len(start)] != start or input_ids[: len(end)] != end:
                 raise ProcessingError(
-                    "the chat template does not render a conversation as a prefix of its continuation, so assistant "
+                    f"the chat template does not render assistant turn {i} after its generation prompt, so its "
                     "tokens cannot be found exactly; use a template without history-dependent rewriting"
                 )
             labels[len(start) : len(end)] = input_ids[len(start) : len(end)]
         if max_length is not None and len(input_ids) > max_length:
             input_ids, labels, pixels = self._truncate(input_ids, labels, pixels, per_image, max_length)
         return Encoded(input_ids, labels, pixels)
+
+    def _answer_end(self, full: str, prompt: str, content: str, input_ids: list[int]) -> list[int]:
+        """The tokens of `full` up to the end of this answer and the one token that closes it (end of turn); []
+        when the answer is not where it should be (the caller refuses the conversation)."""
+        at = full.find(content.strip(), len(prompt)) if full.startswith(prompt) else -1
+        if at < 0:
+            return []
+        upto = self._ids(full[: at + len(content.strip())])
+        return input_ids[: len(upto) + 1] if input_ids[: len(upto)] == upto else []
 
     def _truncate(self, input_ids, labels, pixels, per_image, max_length):
         """Cut to max_length without cutting an image's placeholders: an image that does not fit whole is dropped,

@@ -104,6 +104,15 @@ def to_rgb(im: Image.Image) -> Image.Image:
     raise Rejected("failed_to_decode", f"unsupported image mode {im.mode}")
 
 
+def upright_rgb(im: Image.Image) -> Image.Image:
+    """An opened image as every reader should see it (the sharder, trainers, inference): EXIF orientation applied,
+    then `to_rgb`. Raises ValueError for a mode with no RGB meaning."""
+    try:
+        return to_rgb(ImageOps.exif_transpose(im))
+    except Rejected as exc:
+        raise ValueError(exc.message) from None
+
+
 def process_image(data: bytes, resize: ResizeConfig, filters: FilterConfig, output: OutputConfig) -> ProcessedImage:
     """Bytes in, encoded output out. Raises Rejected for every way a sample can fail or be filtered."""
     if not data:

@@ -8,7 +8,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from mpm.chat import interactive
 from mpm.cli import main
 from mpm.export import ExportError, export_llava
-from mpm.inference import Request, generate, load_model
+from mpm.inference import Request, generate, load_model, without_reasoning
+from tests.mpm.conftest import make_tokenizer
 
 RED = Image.new("RGB", (40, 30), (200, 10, 10))
 MESSAGES = [{"role": "user", "content": "<image>\nWhat is this?"}]
@@ -26,9 +27,12 @@ def saved(tiny, tmp_path):
     return save
 
 
-@pytest.mark.parametrize("vision", ["clip", "siglip"])
-def test_export_llava_round_trip(saved, tmp_path, vision):
-    source = saved(vision=vision)
+@pytest.mark.parametrize(
+    ("vision", "chat_template"), [("clip", True), ("siglip", True), ("clip", False)], ids=["clip", "siglip", "plain"]
+)
+def test_export_llava_round_trip(saved, tmp_path, vision, chat_template):
+    # without a chat template of its own, the model's plain template goes into the export (so it can be prompted)
+    source = saved(vision=vision, tokenizer=make_tokenizer(chat_template=chat_template))
     out = export_llava(source, tmp_path / "llava")
     llava = LlavaForConditionalGeneration.from_pretrained(out).eval()  # plain transformers, no MPM code
     llava_processor = AutoProcessor.from_pretrained(out)
@@ -121,6 +125,50 @@ def test_interactive_session_with_several_images(saved, tmp_path):
     assert sum(s.startswith("model>") for s in said) == 3 and "(conversation reset)" in said
 
 
+def test_interactive_session_goes_on_after_a_failed_turn(saved, tmp_path):
+    model, processor = load_model(saved(), device="cpu")
+    script = iter(["is <image> red, and <image>?", "What colour is it?", "/quit"])  # 2 markers, 1 image: refused
+    said = []
+    interactive(model, processor, read=lambda _: next(script), write=said.append, images=[RED], max_new_tokens=3)
+    assert "2 <image> markers but 1 image" in said[2] and "were not kept" in said[2]
+    assert said[3].startswith("model>")  # the failed turn's message and image are forgotten
+
+
+def test_chat_cli_interactive_starts_with_the_command_line_image_and_message(saved, tmp_path, capsys, monkeypatch):
+    folder = saved()
+    RED.save(tmp_path / "red.png")
+    monkeypatch.setattr("builtins.input", lambda _: "/quit")
+    args = ["chat", "--model", str(folder), "--interactive", "--image", str(tmp_path / "red.png"), "What is it?"]
+    assert main([*args, "--max-new-tokens", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "red.png added to your next message" in printed and "you> What is it?" in printed and "model>" in printed
+    assert main(["chat", "--model", str(folder), "--interactive", "--image", str(tmp_path / "no.png")]) == 2
+    assert "no.png' does not exist" in capsys.readouterr().err
+
+
+def test_chat_uses_the_models_own_image_marker(saved, tmp_path, capsys):
+    folder = saved(image_token="<img>")
+    RED.save(tmp_path / "red.png")
+    assert (
+        main(["chat", "--model", str(folder), "--image", str(tmp_path / "red.png"), "Hi", "--max-new-tokens", "2"]) == 0
+    )
+
+
+def test_bad_generation_arguments_are_clear_errors(saved):
+    model, processor = load_model(saved(), device="cpu")
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        generate(model, processor, [Request([RED], MESSAGES)], batch_size=0)
+    with pytest.raises(ValueError, match="request 0 must have either `messages` or `prompt`, not neither"):
+        generate(model, processor, [Request([RED])])
+
+
+def test_a_leading_reasoning_block_is_left_out_of_answers():
+    assert without_reasoning("<think>\nThe user asks...\n</think>\n\n红色。") == "红色。"
+    assert without_reasoning("<think>\n\n</think>\n\nIt is red.") == "It is red."
+    assert without_reasoning("It is red. <think>") == "It is red. <think>"
+    assert without_reasoning("<think> never closed") == "<think> never closed"
+
+
 def test_end_of_turn_tokens_survive_save_and_export(tiny, tmp_path):
     from mpm.inference import stop_tokens
 
@@ -133,3 +181,26 @@ def test_end_of_turn_tokens_survive_save_and_export(tiny, tmp_path):
     assert end_of_turn in stop_tokens(reloaded, reprocessor.tokenizer)
     llava, llava_processor = load_model(export_llava(tmp_path / "mpm", tmp_path / "llava"), device="cpu")
     assert end_of_turn in stop_tokens(llava, llava_processor.tokenizer)
+
+
+def test_images_are_seen_upright_in_rgb_as_in_the_shards(tmp_path):
+    from mpm.inference import open_image
+
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))  # fully transparent: white, as the sharder makes it
+    assert open_image(rgba).getpixel((0, 0)) == (255, 255, 255)
+    phone = Image.new("RGB", (40, 20), (10, 200, 10))
+    exif = phone.getexif()
+    exif[0x0112] = 6  # stored sideways, shown rotated by 90 degrees
+    phone.save(tmp_path / "phone.jpg", exif=exif)
+    assert open_image(tmp_path / "phone.jpg").size == (20, 40)
+    deep = Image.fromarray(__import__("numpy").full((4, 4), 65535, dtype="uint16"))  # 16-bit white
+    assert open_image(deep).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_a_huge_image_is_a_clear_error_not_a_crash(tmp_path, monkeypatch):
+    from mpm.inference import open_image
+
+    Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 pixels is over twice the limit: Pillow refuses
+    with pytest.raises(ValueError, match="big.png' cannot be read: Image size"):
+        open_image(tmp_path / "big.png")

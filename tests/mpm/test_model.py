@@ -91,3 +91,35 @@ def test_tokens_added_to_a_padded_vocabulary_start_at_the_mean_embedding():
         assert weight.shape[0] == known + 8
         assert torch.allclose(weight[known : known + 3], weight[:known].mean(0).expand(3, -1))
         assert not torch.allclose(weight[known + 3], weight[:known].mean(0))  # spare rows left alone
+
+
+def test_parts_in_different_dtypes_make_one_model_that_runs(tmp_path):
+    from transformers import CLIPVisionModel, Qwen2ForCausalLM
+
+    from tests.mpm.conftest import make_tokenizer, text_config, vision_config
+
+    tok = make_tokenizer()
+    CLIPVisionModel(vision_config("clip")).save_pretrained(tmp_path / "vision")  # fp32, like CLIP-L on the hub
+    Qwen2ForCausalLM(text_config("qwen2", len(tok))).to(torch.bfloat16).save_pretrained(tmp_path / "llm")  # bf16
+    tok.save_pretrained(tmp_path / "llm")
+    model, processor = MPMForConditionalGeneration.from_parts(tmp_path / "vision", tmp_path / "llm", image_size=32)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    batch = processor.collate(
+        [processor.encode_prompt([{"role": "user", "content": "<image>\nHi"}], [Image.new("RGB", (32, 32))])]
+    )
+    assert torch.isfinite(model(**batch).logits.float()).all()
+
+
+def test_a_loaded_siglip_or_full_clip_model_gives_its_tower_and_statistics():
+    from transformers import CLIPConfig, CLIPModel, SiglipVisionModel
+
+    from mpm.parts import load_vision
+    from tests.mpm.conftest import vision_config
+
+    _, mean, std = load_vision(SiglipVisionModel(vision_config("siglip")))
+    assert mean == std == [0.5, 0.5, 0.5]
+    full = CLIPModel(CLIPConfig(vision_config=vision_config("clip").to_dict(), text_config={"hidden_size": 32,
+                     "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}))  # fmt: skip
+    tower, mean, _ = load_vision(full)
+    assert tower.config.model_type == "clip_vision_model" and mean[0] == pytest.approx(0.4815, abs=1e-4)
+    assert tower is full.vision_model

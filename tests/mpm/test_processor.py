@@ -41,6 +41,49 @@ def test_exactly_the_assistant_tokens_are_supervised(tiny, chat_template):
     assert torch.isfinite(model(**processor.collate([encoded])).loss)
 
 
+# Qwen3's chat template (Qwen/Qwen3-8B tokenizer_config.json), tool-call branches left out: only an answer after the
+# last user message gets the (empty) <think> block, so earlier turns render differently once later turns follow.
+QWEN3_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- set ns = namespace(last_query_index=messages|length - 1) %}"
+    "{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}"
+    "{%- if message.role == 'user' and ns.last_query_index == messages|length - 1 %}{%- set ns.last_query_index = index %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}{%- set content = message.content %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{%- if loop.index0 > ns.last_query_index and loop.last %}"
+    "{{- '<|im_start|>' + message.role + '\\n<think>\\n\\n</think>\\n\\n' + content.lstrip('\\n') }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + content }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_a_template_that_renders_the_last_answer_differently_is_labelled_exactly(tiny):
+    tok = make_tokenizer()
+    tok.chat_template = QWEN3_TEMPLATE
+    _, processor = tiny(tokenizer=tok)
+    encoded = processor.encode_conversation(DIALOGUE, [RED, BLUE])
+    assert processor.tokenizer.decode(encoded.input_ids).count("<think>") == 1  # only the last answer has it
+    assert supervised_text(processor, encoded) == (
+        "红色。<|im_end|>It is blue, 蓝色。<|im_end|><think>\n\n</think>\n\n不客气。<|im_end|>\n"
+    )
+
+
+def test_a_template_that_rewrites_earlier_answers_is_refused(tiny):
+    tok = make_tokenizer()  # earlier answers are shortened to "..." once a later turn follows
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['role'] == 'assistant' and not loop.last %}...{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    _, processor = tiny(tokenizer=tok)
+    with pytest.raises(ProcessingError, match="does not render assistant turn 2 after its generation prompt"):
+        processor.encode_conversation(DIALOGUE, [RED, BLUE])
+
+
 def test_plain_template_and_no_pad_token(tiny):
     tok = make_tokenizer(chat_template=False, pad=False)
     model, processor = tiny(tokenizer=tok)
@@ -55,12 +98,12 @@ def test_plain_template_and_no_pad_token(tiny):
         (
             [{"role": "user", "content": "<image><image> Two?"}, {"role": "assistant", "content": "Yes."}],
             [RED],
-            "2 <image> markers but 1 images",
+            "2 <image> markers but 1 image$",
         ),
         (
             [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
             [RED],
-            "0 <image> markers but 1 images",
+            "0 <image> markers but 1 image$",
         ),
         (
             [{"role": "user", "content": "<image>\nHi"}, {"role": "assistant", "content": "  "}],
