@@ -153,8 +153,16 @@ def _pipeline(
             stages.append(wds.detshuffle(len(urls), initial=len(urls), seed=seed))
     stages.append(wds.tarfile_to_samples(handler=_shard_error_handler(bad)))
     if shuffle_buffer:
-        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)))
+        stages.append(partial(_shuffle_samples, buffer=shuffle_buffer, seed=seed))
     return wds.DataPipeline(*stages)
+
+
+def _shuffle_samples(samples, buffer: int, seed: int):
+    # Seeded per rank and worker when iteration starts: with one seed for all, ranks that draw the same shard
+    # (resampling) would read it in the same order.
+    rank, _, worker, _ = wds.utils.pytorch_worker_info()
+    rng = random.Random(f"{seed}:{rank}:{worker}")
+    return wds.shuffle(buffer, initial=min(buffer, 100), rng=rng)(samples)
 
 
 def _is_pair(item) -> bool:

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
+from dataproc.config import ConfigError
 from dataproc.shards import BadSampleCounter, decode_pair, iter_samples
 from mpm.processor import Encoded, MPMProcessor, ProcessingError, open_image
-from unimm_chat.conversations import Conversation, read_conversations
+from unimm_chat.conversations import Conversation, ConversationFormatError, read_conversations
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +92,21 @@ class PairCaptions(IterableDataset):
                 yield Skipped(str(exc), key)
 
 
-class Conversations(Dataset):
-    """Stage 2: conversations from LLaVA JSON / UniMM-Chat jsonl / ShareGPT files, images from `image_folder`."""
+def read_all(files: list[str], image_folder: str | None) -> list[Conversation]:
+    """Every conversation of the files; a missing or unreadable file or folder is a ConfigError naming it."""
+    if image_folder and not Path(image_folder).is_dir():
+        raise ConfigError(f"data.image_folder {image_folder!r} is not a folder")
+    try:
+        return [c for f in files for c in read_conversations(f)]
+    except (OSError, ConversationFormatError) as exc:
+        raise ConfigError(f"data.conversations: {exc}") from None
 
-    def __init__(self, files: list[str], image_folder: str, processor: MPMProcessor, max_length: int):
-        self.items: list[Conversation] = [c for f in files for c in read_conversations(f)]
+
+class Conversations(Dataset):
+    """Stage 2: conversations (from `read_all`), images from `image_folder`."""
+
+    def __init__(self, items: list[Conversation], image_folder: str, processor: MPMProcessor, max_length: int):
+        self.items = items
         self.image_folder = Path(image_folder) if image_folder else None
         self.processor, self.max_length = processor, max_length
 

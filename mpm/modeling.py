@@ -35,6 +35,10 @@ class MPMForConditionalGeneration(PreTrainedModel):
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.connector = build_connector(config)
         self.post_init()
+        # post_init gathers the parts' no-split classes, some of which are not in this model (CLIPTextEmbeddings
+        # for a CLIP vision tower); FSDP's auto wrap policy refuses class names it cannot find.
+        present = {type(m).__name__ for m in self.modules()}
+        self._no_split_modules = {name for name in self._no_split_modules or () if name in present}
 
     # The LM owns the embeddings; these make resize_token_embeddings, tying and generation utilities work.
     def get_input_embeddings(self) -> nn.Module:

@@ -124,6 +124,6 @@ class TrainConfig:
             raise ConfigError("train.lora.enabled trains the LLM through LoRA: set train.train_llm true")
 
 
-# Settings that may change when resuming: how often, not what is trained. Not train.max_steps: the learning-rate
-# schedule is laid out over it, so a new length would make the rate jump.
-RESUMABLE = ("train.save_every", "train.log_every", "train.keep_last", "train.report_to")
+# Settings that may change when resuming: how often, not what is trained, and where (a moved run folder).
+# Not train.max_steps: the learning-rate schedule is laid out over it, so a new length would make the rate jump.
+RESUMABLE = ("train.save_every", "train.log_every", "train.keep_last", "train.report_to", "train.output_dir")

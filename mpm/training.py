@@ -31,14 +31,17 @@ def build_model(cfg: ModelSection) -> tuple[MPMForConditionalGeneration, MPMProc
         if model_type != "mpm":
             raise ModelLoadError(f"model.init_from {folder} holds a {model_type!r} model, not an MPM checkpoint")
         return MPMForConditionalGeneration.from_pretrained(folder), MPMProcessor.from_pretrained(folder)
-    return MPMForConditionalGeneration.from_parts(
-        cfg.vision,
-        cfg.llm,
-        tokenizer=cfg.tokenizer,
-        trust_remote_code=cfg.trust_remote_code,
-        dtype=torch.float32,
-        **mpm_settings(cfg),
-    )
+    try:
+        return MPMForConditionalGeneration.from_parts(
+            cfg.vision,
+            cfg.llm,
+            tokenizer=cfg.tokenizer,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=torch.float32,
+            **mpm_settings(cfg),
+        )
+    except OSError as exc:  # a wrong path or hub id, a folder without weights
+        raise ModelLoadError(f"cannot load model.vision={cfg.vision!r} / model.llm={cfg.llm!r}: {exc}") from None
 
 
 def mpm_settings(cfg: ModelSection) -> dict:
@@ -87,6 +90,16 @@ def vision_modules_to_train(model: MPMForConditionalGeneration, last_n: int | No
     return modules
 
 
+def keep_frozen_norm_statistics(model: torch.nn.Module) -> None:
+    """Batch norms with no trainable parameter (a frozen ResNet / ConvNeXt tower) keep their running statistics:
+    in train mode they would still update them, and a "frozen" tower would change."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
+            module.eval()
+
+
 def apply_lora(model: MPMForConditionalGeneration, cfg: TrainSection) -> None:
     """LoRA adapters on the LLM (peft); the base weights stay frozen."""
     try:
@@ -100,14 +113,22 @@ def apply_lora(model: MPMForConditionalGeneration, cfg: TrainSection) -> None:
     model.language_model = get_peft_model(model.language_model, config)
 
 
-def save_final(model: MPMForConditionalGeneration, processor: MPMProcessor, folder: Path) -> None:
-    """A plain MPM checkpoint: LoRA adapters are merged into the LLM (and also saved alone in `lora_adapter/`)."""
+def save_final(
+    model: MPMForConditionalGeneration, processor: MPMProcessor, folder: Path, state_dict: dict | None = None
+) -> None:
+    """A plain MPM checkpoint, written beside `folder` and renamed (whole or absent). LoRA adapters are merged into
+    the LLM (and also saved alone in `lora_adapter/`); `state_dict` is the gathered one under FSDP / ZeRO-3."""
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
     lm = model.language_model
     if hasattr(lm, "merge_and_unload"):
-        lm.save_pretrained(folder / "lora_adapter")
+        lm.save_pretrained(tmp / "lora_adapter")
         model.language_model = lm.merge_and_unload()
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+        state_dict = None
+    model.save_pretrained(tmp, state_dict=state_dict)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
 
 
 class Checkpoints:
@@ -130,6 +151,7 @@ class Checkpoints:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()  # every rank's RNG file is written before the checkpoint counts as whole
         if accelerator.is_main_process:
             atomic_write_json(tmp / "state.json", state)
             shutil.rmtree(final, ignore_errors=True)
@@ -141,8 +163,15 @@ class Checkpoints:
 
     @staticmethod
     def load(accelerator, folder: Path) -> dict:
+        state = json.loads((folder / "state.json").read_text())
+        # The data position, the batch layout and the RNG files are per process count: another count cannot resume.
+        if state.get("processes", 1) != accelerator.num_processes:
+            raise ConfigError(
+                f"{folder} was written by {state.get('processes', 1)} processes, this run has "
+                f"{accelerator.num_processes}: resume with the same number, or use a new train.output_dir"
+            )
         accelerator.load_state(str(folder))
-        return json.loads((folder / "state.json").read_text())
+        return state
 
 
 def check_resume(out: Path, cfg: TrainConfig) -> None:
@@ -163,10 +192,16 @@ def check_resume(out: Path, cfg: TrainConfig) -> None:
 class Metrics:
     """One JSON line per logged step in {out}/metrics.jsonl (+ TensorBoard / W&B through accelerate if asked)."""
 
-    def __init__(self, out: Path, accelerator):
+    def __init__(self, out: Path, accelerator, resumed_at: int | None):
+        """`resumed_at`: the checkpoint step a resumed run starts from (rows after it are dropped: they are logged
+        again), or None for a new run (a fresh file)."""
         self.path = out / "metrics.jsonl"
         self.accelerator = accelerator
         self.start = time.time()
+        if accelerator.is_main_process:
+            rows = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
+            kept = [r for r in rows if resumed_at is not None and json.loads(r)["step"] <= resumed_at]
+            self.path.write_text("".join(r + "\n" for r in kept), encoding="utf-8")
 
     def log(self, step: int, values: dict) -> None:
         values = {"step": step, **values, "elapsed_s": round(time.time() - self.start, 2)}

@@ -20,18 +20,29 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from dataproc.config import ConfigError, config_to_dict
-from mpm.data import Conversations, LengthGroupedSampler, PairCaptions, collate, to_device
+from dataproc.shards import shard_urls
+from mpm.data import Conversations, LengthGroupedSampler, PairCaptions, collate, read_all, to_device
 from mpm.modeling import MPMForConditionalGeneration
 from mpm.train_config import TrainConfig
-from mpm.training import Checkpoints, Metrics, build_model, check_resume, save_final, set_trainable
+from mpm.training import (
+    Checkpoints,
+    Metrics,
+    build_model,
+    check_resume,
+    keep_frozen_norm_statistics,
+    save_final,
+    set_trainable,
+)
 
 logger = logging.getLogger(__name__)
+# Stop when this many samples in a row (on all processes, counted at each log) were unusable: the data is broken.
+DRY_LIMIT = 1000
 # What a micro-batch whose every sample was skipped runs instead, with zero weight (see the loop).
 FILLER = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hello"}]
 
@@ -56,13 +67,26 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
         log_with=t.report_to or None,
         project_dir=str(out),
     )
+    if t.lora.enabled and _shards_weights(accelerator):
+        raise ConfigError("train.lora needs whole weights to merge: use DDP or DeepSpeed ZeRO-2, not FSDP / ZeRO-3")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         check_resume(out, cfg)
     accelerator.wait_for_everyone()
     set_seed(t.seed)
 
-    # 2. The model, what trains, the optimizer ---------------------------------------------------------------------
+    # 2. The data's files first (a wrong path fails now, not after the model has loaded) -------------------------
+    d = cfg.data
+    if t.stage == "sft":
+        items = read_all(d.conversations, d.image_folder)  # ConfigError naming the file
+    else:
+        for shards in d.shards:
+            try:
+                shard_urls(shards)
+            except FileNotFoundError as exc:
+                raise ConfigError(f"data.shards: {exc}") from None
+
+    # 3. The model, what trains, the optimizer ---------------------------------------------------------------------
     model, processor = build_model(cfg.model)
     groups = set_trainable(model, t)
     if t.gradient_checkpointing:
@@ -72,7 +96,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for g in groups for p in g["params"]]
 
-    # 3. Resume: weights, optimizer, scheduler, RNG, and where in the data we were ---------------------------------
+    # 4. Resume: weights, optimizer, scheduler, RNG, and where in the data we were ---------------------------------
     checkpoints = Checkpoints(out, t.keep_last)
     accelerator.register_for_checkpointing(scheduler)
     step, epoch, consumed = 0, 0, 0
@@ -84,18 +108,20 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
     if t.report_to:
         accelerator.init_trackers("mpm-i2t", config=_flat(config_to_dict(cfg)))
 
-    # 4. The loop ----------------------------------------------------------------------------------------------
-    d = cfg.data
-    conversations = (
-        Conversations(d.conversations, d.image_folder, processor, d.max_length) if t.stage == "sft" else None
-    )
-    metrics = Metrics(out, accelerator)
+    # 5. The loop ----------------------------------------------------------------------------------------------
+    conversations = Conversations(items, d.image_folder, processor, d.max_length) if t.stage == "sft" else None
+    metrics = Metrics(out, accelerator, resumed_at=step if latest is not None else None)
     filler = processor.collate([processor.encode_conversation(FILLER, [])])
-    tally = {"loss": 0.0, "micro": 0, "tokens": 0, "samples": 0, "skipped": 0}
+    tally = dict.fromkeys(("loss", "micro", "tokens", "samples", "skipped"), 0.0)
+    in_step = 0  # usable micro-batches in the current optimizer step, on this process
+    dry = 0  # samples skipped, on all processes, since the last logged step that had a usable one
+    learned_in_run = None  # usable micro-batches on all processes in this run (None: no step taken)
+    epoch_usable = 0 if consumed == 0 else None  # usable micro-batches in an epoch seen whole by this run
     bar = tqdm(
         total=t.max_steps, initial=step, unit=" steps", disable=not (show_progress and accelerator.is_main_process)
     )
     model.train()
+    keep_frozen_norm_statistics(model)
     while step < t.max_steps:
         for batch in _batches(cfg, processor, accelerator, epoch, consumed, conversations):
             consumed += 1
@@ -104,19 +130,28 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
             # weight instead: so every rank consumes micro-batches in lockstep, and the one data position in a
             # checkpoint is every rank's.
             usable = "input_ids" in batch
+            in_step += usable
             batch = to_device(batch if usable else filler, accelerator.device)
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss if usable else loss * 0)
+                learned = True
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
-                optimizer.step()
+                    # A step with no usable micro-batch on any rank is not taken: its gradient is zero, and
+                    # AdamW's momentum would still move the weights.
+                    learned = _sum(accelerator, in_step) > 0
+                    grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm) if learned else 0.0
+                    in_step = 0
+                if learned:
+                    optimizer.step()
                 optimizer.zero_grad()
             if usable:
                 tally["loss"] += loss.item()
                 tally["micro"] += 1
                 tally["tokens"] += int(batch["attention_mask"].sum())
                 tally["samples"] += batch["input_ids"].shape[0]
+                if epoch_usable is not None:
+                    epoch_usable += 1
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
@@ -124,34 +159,60 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
             bar.update()
             bar.set_postfix_str(f"loss {loss.item():.3f}", refresh=False)
             if step % t.log_every == 0 or step == t.max_steps:
-                _check_some_usable(accelerator, tally)
+                summed = accelerator.reduce(
+                    torch.tensor(list(tally.values()), dtype=torch.float64, device=accelerator.device), "sum"
+                )
+                totals = dict(zip(tally, summed.tolist()))  # every process's samples, tokens, skips and losses
+                dry = dry + int(totals["skipped"]) if totals["micro"] == 0 else 0
+                learned_in_run = (learned_in_run or 0) + int(totals["micro"])
+                if dry >= DRY_LIMIT:
+                    raise ConfigError(
+                        f"no usable training sample among the last {dry} (all skipped, reasons in the warnings "
+                        "above): check the shards' images, data.image_folder and data.max_length"
+                    )
+                lrs = scheduler.get_last_lr()
                 metrics.log(step, {
-                    "loss": round(tally["loss"] / max(tally["micro"], 1), 5),
-                    "lr": scheduler.get_last_lr()[-1],
+                    "loss": round(totals["loss"] / max(totals["micro"], 1), 5),
+                    "lr": lrs[-1],  # the LLM's / vision tower's rate, or the connector's when only it trains
+                    "lr_connector": lrs[0],
                     "grad_norm": round(float(grad_norm), 5),
-                    "tokens": tally["tokens"],
-                    "samples": tally["samples"],
-                    "skipped": tally["skipped"],
+                    "tokens": int(totals["tokens"]),
+                    "samples": int(totals["samples"]),
+                    "skipped": int(totals["skipped"]),
                 })  # fmt: skip
-                tally = dict.fromkeys(tally, 0) | {"loss": 0.0}
+                tally = dict.fromkeys(tally, 0.0)
             if step % t.save_every == 0 or step == t.max_steps:
-                checkpoints.save(accelerator, step, {"step": step, "epoch": epoch, "batches_in_epoch": consumed})
+                checkpoints.save(accelerator, step, {
+                    "step": step, "epoch": epoch, "batches_in_epoch": consumed, "processes": accelerator.num_processes,
+                })  # fmt: skip
             if step >= t.max_steps:
                 break
         else:  # the data ran out before max_steps: next epoch
             if consumed == 0:
                 raise ConfigError("the training data gave no batch in a whole pass (see the warnings above)")
-            epoch, consumed = epoch + 1, 0
+            if epoch_usable is not None and _sum(accelerator, epoch_usable) == 0:
+                raise ConfigError(
+                    "a whole pass over the training data gave no usable sample (all skipped, reasons in the warnings "
+                    "above): check data.image_folder, the images, and data.max_length"
+                )
+            epoch, consumed, epoch_usable = epoch + 1, 0, 0
             continue
         break
     bar.close()
+    if learned_in_run == 0:
+        raise ConfigError(
+            f"the run ended without a single usable training sample ({dry} skipped, reasons in the warnings above): "
+            "check the shards' images, data.image_folder and data.max_length"
+        )
 
     # 5. The final model, a plain checkpoint (LoRA merged) ---------------------------------------------------------
     accelerator.wait_for_everyone()
     final = out / "final"
+    # Every process takes part in gathering the weights (FSDP / ZeRO-3 shard them); LoRA merges from the modules.
+    state_dict = None if t.lora.enabled else accelerator.get_state_dict(model)
     model = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        save_final(model, processor, final)
+        save_final(model, processor, final, state_dict)
     accelerator.end_training()
     return TrainResult(final, model)
 
@@ -200,14 +261,18 @@ def _batches(cfg: TrainConfig, processor, accelerator, epoch: int, skip: int, co
         yield batch
 
 
-def _check_some_usable(accelerator, tally: dict) -> None:
-    """Stop, rather than train on nothing, when no rank had a usable sample since the last log."""
-    usable = accelerator.reduce(torch.tensor(tally["micro"], device=accelerator.device), reduction="sum")
-    if int(usable) == 0:
-        raise ConfigError(
-            f"no usable training sample since the last log ({tally['skipped']} skipped on this process, reasons in "
-            "the warnings above): check data.image_folder, the images, and data.max_length"
-        )
+def _shards_weights(accelerator) -> bool:
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+
+
+def _sum(accelerator, count: int) -> int:
+    """`count` summed over the processes (no communication with one process)."""
+    if accelerator.num_processes == 1:
+        return count
+    return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), reduction="sum"))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

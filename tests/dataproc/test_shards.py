@@ -111,3 +111,20 @@ def test_bad_samples_are_counted_logged_and_skipped(tmp_path, caplog):
     assert "skipping bad sample 000000001" in caplog.text
     with pytest.raises(FileNotFoundError, match="did you run `mpm data shard`"):
         iter_pairs(str(Path(tmp_path) / "nothing-*.tar"))
+
+
+def test_ranks_reading_the_same_shard_shuffle_it_differently(tmp_path, monkeypatch):
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:  # one shard: both ranks resample it
+        for i in range(24):
+            for ext, data in [("jpg", distinct_jpeg(i)), ("txt", f"photo {i}".encode())]:
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    a = tmp_path
+    orders = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        stream = iter(iter_pairs(str(a), shuffle_buffer=16, seed=0, resampled=True))
+        orders.append([next(stream).meta["__key__"] for _ in range(24)])
+    assert orders[0] != orders[1]

@@ -123,3 +123,14 @@ def test_a_loaded_siglip_or_full_clip_model_gives_its_tower_and_statistics():
     tower, mean, _ = load_vision(full)
     assert tower.config.model_type == "clip_vision_model" and mean[0] == pytest.approx(0.4815, abs=1e-4)
     assert tower is full.vision_model
+
+
+@pytest.mark.parametrize("vision", ["clip", "siglip"])
+def test_fsdp_auto_wrap_finds_every_no_split_class(tiny, vision):
+    from accelerate.utils.dataclasses import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    model, _ = tiny(vision=vision, connector="resampler")  # the parts' lists name e.g. CLIPTextEmbeddings
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)  # raises for a class the model does not hold
+    assert sum(policy(m) for m in model.modules()) >= 4  # the vision and the LLM layers
