@@ -65,6 +65,8 @@ def from_parts(
     lm, tok = load_llm(llm, tokenizer, dtype, trust_remote_code)
     # One dtype for the whole model: the one asked for, else the LLM's (parts are often stored in different ones,
     # e.g. an fp32 CLIP and a bf16 Qwen2.5, and the connector sits between them).
+    if isinstance(dtype, torch.dtype):
+        lm.to(dtype)  # a model or config object given as the LLM was not loaded in it
     vision_model.to(next(lm.parameters()).dtype)
     tokens = [
         config_kwargs.get(k, getattr(MPMConfig, k)) for k in ("image_token", "slice_start_token", "slice_end_token")

@@ -187,10 +187,10 @@ class MPMProcessor:
             if not message["content"].strip():
                 raise ProcessingError(f"assistant turn {i} is empty")
             prompt = self.render(expanded[:i], add_generation_prompt=True)
-            start = self._ids(prompt)
-            end = self._ids(self.render(expanded[: i + 1], add_generation_prompt=False))
+            alone = self.render(expanded[: i + 1], add_generation_prompt=False)
+            start, end = self._ids(prompt), self._ids(alone)
             if input_ids[: len(end)] != end:  # rendered otherwise when more turns follow: find the answer's text
-                end = self._answer_end(full, prompt, message["content"], input_ids)
+                end = self._answer_end(full, prompt, alone, message["content"], input_ids)
             if end[: len(start)] != start or input_ids[: len(end)] != end:
                 raise ProcessingError(
                     f"the chat template does not render assistant turn {i} after its generation prompt, so its "
@@ -201,14 +201,19 @@ class MPMProcessor:
             input_ids, labels, pixels = self._truncate(input_ids, labels, pixels, per_image, max_length)
         return Encoded(input_ids, labels, pixels)
 
-    def _answer_end(self, full: str, prompt: str, content: str, input_ids: list[int]) -> list[int]:
-        """The tokens of `full` up to the end of this answer and the one token that closes it (end of turn); []
-        when the answer is not where it should be (the caller refuses the conversation)."""
-        at = full.find(content.strip(), len(prompt)) if full.startswith(prompt) else -1
-        if at < 0:
+    def _answer_end(self, full: str, prompt: str, alone: str, content: str, input_ids: list[int]) -> list[int]:
+        """The tokens of `full` up to the end of this answer and what closes it (as when the turn is rendered last:
+        `alone`). The answer must follow its generation prompt directly; [] when it does not (refused)."""
+        text = content.strip()
+        at = full.find(text, len(prompt)) if full.startswith(prompt) else -1
+        if at < 0 or full[len(prompt) : at].strip():
             return []
-        upto = self._ids(full[: at + len(content.strip())])
-        return input_ids[: len(upto) + 1] if input_ids[: len(upto)] == upto else []
+        closing = alone[alone.rfind(text) + len(text) :]  # e.g. "<|im_end|>\n"
+        end = at + len(text)
+        if not full.startswith(closing, end):
+            return []
+        upto = self._ids(full[: end + len(closing)])
+        return upto if input_ids[: len(upto)] == upto else []
 
     def _truncate(self, input_ids, labels, pixels, per_image, max_length):
         """Cut to max_length without cutting an image's placeholders: an image that does not fit whole is dropped,

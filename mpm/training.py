@@ -91,12 +91,15 @@ def vision_modules_to_train(model: MPMForConditionalGeneration, last_n: int | No
 
 
 def keep_frozen_norm_statistics(model: torch.nn.Module) -> None:
-    """Batch norms with no trainable parameter (a frozen ResNet / ConvNeXt tower) keep their running statistics:
-    in train mode they would still update them, and a "frozen" tower would change."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not any(
-            p.requires_grad for p in module.parameters()
-        ):
+    """Frozen batch norms (a frozen ResNet / ConvNeXt tower) keep their running statistics: in train mode they
+    would still update them, and a "frozen" tower would change. A norm without parameters of its own
+    (affine=False) counts as frozen when the module holding it has nothing trainable."""
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            continue
+        owner = module if any(True for _ in module.parameters()) else modules[name.rpartition(".")[0]]
+        if not any(p.requires_grad for p in owner.parameters()):
             module.eval()
 
 
@@ -165,9 +168,9 @@ class Checkpoints:
     def load(accelerator, folder: Path) -> dict:
         state = json.loads((folder / "state.json").read_text())
         # The data position, the batch layout and the RNG files are per process count: another count cannot resume.
-        if state.get("processes", 1) != accelerator.num_processes:
+        if state.get("processes", accelerator.num_processes) != accelerator.num_processes:  # (older: unrecorded)
             raise ConfigError(
-                f"{folder} was written by {state.get('processes', 1)} processes, this run has "
+                f"{folder} was written by {state['processes']} processes, this run has "
                 f"{accelerator.num_processes}: resume with the same number, or use a new train.output_dir"
             )
         accelerator.load_state(str(folder))
@@ -200,7 +203,7 @@ class Metrics:
         self.start = time.time()
         if accelerator.is_main_process:
             rows = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
-            kept = [r for r in rows if resumed_at is not None and json.loads(r)["step"] <= resumed_at]
+            kept = [r for r in rows if resumed_at is not None and _step_of(r, resumed_at + 1) <= resumed_at]
             self.path.write_text("".join(r + "\n" for r in kept), encoding="utf-8")
 
     def log(self, step: int, values: dict) -> None:
@@ -209,3 +212,11 @@ class Metrics:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(values) + "\n")
         self.accelerator.log(values, step=step)
+
+
+def _step_of(row: str, unreadable: int) -> int:
+    """A metrics row's step; `unreadable` for a row cut short by a kill."""
+    try:
+        return json.loads(row)["step"]
+    except (ValueError, KeyError, TypeError):
+        return unreadable

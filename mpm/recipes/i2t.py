@@ -99,7 +99,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
     # 4. Resume: weights, optimizer, scheduler, RNG, and where in the data we were ---------------------------------
     checkpoints = Checkpoints(out, t.keep_last)
     accelerator.register_for_checkpointing(scheduler)
-    step, epoch, consumed = 0, 0, 0
+    step, epoch, consumed, state = 0, 0, 0, {}
     latest = checkpoints.latest()
     if latest is not None:
         state = Checkpoints.load(accelerator, latest)
@@ -112,10 +112,14 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
     conversations = Conversations(items, d.image_folder, processor, d.max_length) if t.stage == "sft" else None
     metrics = Metrics(out, accelerator, resumed_at=step if latest is not None else None)
     filler = processor.collate([processor.encode_conversation(FILLER, [])])
+    # This process's counts since the last log. A resumed run's main process starts with every process's counts
+    # between that log and the checkpoint, so the logged rows are those of an uninterrupted run.
     tally = dict.fromkeys(("loss", "micro", "tokens", "samples", "skipped"), 0.0)
+    if accelerator.is_main_process:
+        tally.update(state.get("unlogged", {}))
     in_step = 0  # usable micro-batches in the current optimizer step, on this process
-    dry = 0  # samples skipped, on all processes, since the last logged step that had a usable one
-    learned_in_run = None  # usable micro-batches on all processes in this run (None: no step taken)
+    dry = state.get("dry", 0)  # samples skipped, on all processes, since the last logged step that had a usable one
+    learned = state.get("learned")  # usable micro-batches, all processes, all logged steps (None: none logged yet)
     epoch_usable = 0 if consumed == 0 else None  # usable micro-batches in an epoch seen whole by this run
     bar = tqdm(
         total=t.max_steps, initial=step, unit=" steps", disable=not (show_progress and accelerator.is_main_process)
@@ -135,14 +139,14 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss if usable else loss * 0)
-                learned = True
+                take_step = True
                 if accelerator.sync_gradients:
                     # A step with no usable micro-batch on any rank is not taken: its gradient is zero, and
                     # AdamW's momentum would still move the weights.
-                    learned = _sum(accelerator, in_step) > 0
-                    grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm) if learned else 0.0
+                    take_step = _sum(accelerator, in_step) > 0
+                    grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm) if take_step else 0.0
                     in_step = 0
-                if learned:
+                if take_step:
                     optimizer.step()
                 optimizer.zero_grad()
             if usable:
@@ -159,12 +163,9 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
             bar.update()
             bar.set_postfix_str(f"loss {loss.item():.3f}", refresh=False)
             if step % t.log_every == 0 or step == t.max_steps:
-                summed = accelerator.reduce(
-                    torch.tensor(list(tally.values()), dtype=torch.float64, device=accelerator.device), "sum"
-                )
-                totals = dict(zip(tally, summed.tolist()))  # every process's samples, tokens, skips and losses
+                totals = _summed(accelerator, tally)  # every process's samples, tokens, skips and losses
                 dry = dry + int(totals["skipped"]) if totals["micro"] == 0 else 0
-                learned_in_run = (learned_in_run or 0) + int(totals["micro"])
+                learned = (learned or 0) + int(totals["micro"])
                 if dry >= DRY_LIMIT:
                     raise ConfigError(
                         f"no usable training sample among the last {dry} (all skipped, reasons in the warnings "
@@ -184,6 +185,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
             if step % t.save_every == 0 or step == t.max_steps:
                 checkpoints.save(accelerator, step, {
                     "step": step, "epoch": epoch, "batches_in_epoch": consumed, "processes": accelerator.num_processes,
+                    "unlogged": _summed(accelerator, tally), "dry": dry, "learned": learned,
                 })  # fmt: skip
             if step >= t.max_steps:
                 break
@@ -199,7 +201,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
             continue
         break
     bar.close()
-    if learned_in_run == 0:
+    if learned == 0:
         raise ConfigError(
             f"the run ended without a single usable training sample ({dry} skipped, reasons in the warnings above): "
             "check the shards' images, data.image_folder and data.max_length"
@@ -266,6 +268,12 @@ def _shards_weights(accelerator) -> bool:
         return True
     plugin = accelerator.state.deepspeed_plugin
     return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+
+
+def _summed(accelerator, tally: dict) -> dict:
+    """The tally summed over the processes (a collective: every process calls it at the same step)."""
+    values = torch.tensor(list(tally.values()), dtype=torch.float64, device=accelerator.device)
+    return dict(zip(tally, accelerator.reduce(values, "sum").tolist()))
 
 
 def _sum(accelerator, count: int) -> int:

@@ -110,6 +110,16 @@ def test_parts_in_different_dtypes_make_one_model_that_runs(tmp_path):
     assert torch.isfinite(model(**batch).logits.float()).all()
 
 
+def test_parts_given_as_configs_take_the_dtype_asked_for():
+    from tests.mpm.conftest import make_tokenizer, text_config, vision_config
+
+    tok = make_tokenizer()
+    model, _ = MPMForConditionalGeneration.from_parts(
+        vision_config("clip"), text_config("qwen2", len(tok)), tokenizer=tok, dtype=torch.bfloat16
+    )
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
 def test_a_loaded_siglip_or_full_clip_model_gives_its_tower_and_statistics():
     from transformers import CLIPConfig, CLIPModel, SiglipVisionModel
 

@@ -68,8 +68,12 @@ def test_a_template_that_renders_the_last_answer_differently_is_labelled_exactly
     encoded = processor.encode_conversation(DIALOGUE, [RED, BLUE])
     assert processor.tokenizer.decode(encoded.input_ids).count("<think>") == 1  # only the last answer has it
     assert supervised_text(processor, encoded) == (
-        "红色。<|im_end|>It is blue, 蓝色。<|im_end|><think>\n\n</think>\n\n不客气。<|im_end|>\n"
+        "红色。<|im_end|>\nIt is blue, 蓝色。<|im_end|>\n<think>\n\n</think>\n\n不客气。<|im_end|>\n"
     )
+    # an answer with trailing whitespace (kept by the template) still ends with its end-of-turn token
+    spaced = [*DIALOGUE[:2], {"role": "assistant", "content": "It is red. "}, *DIALOGUE[3:]]
+    encoded = processor.encode_conversation(spaced, [RED, BLUE])
+    assert supervised_text(processor, encoded).startswith("It is red. <|im_end|>\nIt is blue")
 
 
 def test_a_template_that_rewrites_earlier_answers_is_refused(tiny):
@@ -82,6 +86,11 @@ def test_a_template_that_rewrites_earlier_answers_is_refused(tiny):
     _, processor = tiny(tokenizer=tok)
     with pytest.raises(ProcessingError, match="does not render assistant turn 2 after its generation prompt"):
         processor.encode_conversation(DIALOGUE, [RED, BLUE])
+    # the rewritten answer's text comes again later: found there, it would label the user turn in between
+    repeated = [{"role": "user", "content": "<image>\nRed?"}, {"role": "assistant", "content": "Yes."},
+                {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}]  # fmt: skip
+    with pytest.raises(ProcessingError, match="does not render assistant turn 1 after its generation prompt"):
+        processor.encode_conversation(repeated, [RED])
 
 
 def test_plain_template_and_no_pad_token(tiny):

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,8 +110,9 @@ def test_lora_checkpoint_reloads_to_identical_logits(tiny, tmp_path):
 
 def test_exact_resume_on_weighted_streamed_shards_with_two_workers(tiny_parts, colour_shards, tmp_path):
     common = [*parts(tiny_parts), f"data.shards=[{colour_shards},{colour_shards}]", "data.weights=[0.7,0.3]",
-              "data.num_workers=2", "train.max_steps=7", "train.save_every=3", "train.log_every=1"]  # fmt: skip
-    # resuming at batch 3 (odd): the next batch comes from the second DataLoader worker
+              "data.num_workers=2", "train.max_steps=7", "train.save_every=3", "train.log_every=2"]  # fmt: skip
+    # resuming at batch 3 (odd): the next batch comes from the second DataLoader worker; the checkpoint falls
+    # between two logs, so the row at step 4 also counts step 3, from before the kill
     straight = tmp_path / "straight"
     assert main(["train", "i2t", "--config", TINY, "--no-progress", *common, f"train.output_dir={straight}"]) == 0
 
@@ -273,6 +275,22 @@ def test_a_step_with_nothing_usable_is_logged_and_skipped_not_fatal(tiny_parts, 
         assert before is None or all(torch.equal(before[k], after[k]) for k in after)
 
 
+def test_a_resumed_run_whose_remaining_steps_have_nothing_usable_finishes(tiny_parts, tmp_path):
+    conversations = write_conversations(tmp_path / "data")
+    extra = ["train.batch_size=1", "train.log_every=1", "train.save_every=1", "train.keep_last=100",
+             "data.group_by_length=false"]  # fmt: skip
+    probe = tmp_path / "probe"
+    assert main(sft_args(tiny_parts, conversations, probe, *extra, "train.max_steps=18")) == 0
+    rows = [json.loads(line) for line in (probe / "metrics.jsonl").read_text().splitlines()]
+    empty = next(r["step"] for r in rows if r["samples"] == 0 and r["step"] > 1)  # the same order in every run
+    out = tmp_path / "run"  # a run that ends on that step, killed just before it
+    assert main(sft_args(tiny_parts, conversations, out, *extra, f"train.max_steps={empty}")) == 0
+    shutil.rmtree(out / "checkpoints" / f"step-{empty:07d}")
+    shutil.rmtree(out / "final")
+    assert main(sft_args(tiny_parts, conversations, out, *extra, f"train.max_steps={empty}")) == 0
+    assert (out / "final" / "model.safetensors").exists()  # it learned before the checkpoint: not "nothing usable"
+
+
 def test_bad_paths_are_clear_errors_before_the_model_loads(tiny_parts, tmp_path, capsys):
     conversations = write_conversations(tmp_path / "data")
     missing = tmp_path / "nowhere.json"
@@ -292,7 +310,6 @@ def test_bad_paths_are_clear_errors_before_the_model_loads(tiny_parts, tmp_path,
 
 
 def test_a_moved_run_resumes_and_another_process_count_is_refused(tiny_parts, tmp_path):
-    import shutil
     from types import SimpleNamespace
 
     from mpm.training import Checkpoints
@@ -304,6 +321,18 @@ def test_a_moved_run_resumes_and_another_process_count_is_refused(tiny_parts, tm
     latest = Checkpoints(tmp_path / "moved", 2).latest()
     with pytest.raises(ConfigError, match="written by 1 processes, this run has 2"):
         Checkpoints.load(SimpleNamespace(num_processes=2), latest)
+
+
+def test_metrics_rewind_to_the_checkpoint_and_survive_a_row_cut_by_a_kill(tmp_path):
+    from types import SimpleNamespace
+
+    from mpm.training import Metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    Metrics(tmp_path, SimpleNamespace(is_main_process=True), resumed_at=2)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+    Metrics(tmp_path, SimpleNamespace(is_main_process=True), resumed_at=None)  # a new run: a new file
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
 def test_a_frozen_convolutional_tower_keeps_its_batch_norm_statistics(tiny):
@@ -320,3 +349,11 @@ def test_a_frozen_convolutional_tower_keeps_its_batch_norm_statistics(tiny):
     model(**batch).loss.backward()
     after = model.vision_tower.state_dict()
     assert before and all(torch.equal(before[k], after[k]) for k in before)
+    # a norm without parameters (affine=False) follows the module that holds it
+    block = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4, affine=False))
+    block.train()
+    keep_frozen_norm_statistics(block)
+    assert block[1].training
+    block.requires_grad_(False)
+    keep_frozen_norm_statistics(block)
+    assert not block[1].training
