@@ -83,10 +83,15 @@ def test_sft_with_lora_skips_bad_images_and_slices(tiny_parts, tmp_path):
     assert main(sft_args(tiny_parts, conversations, out, *extra)) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["skipped"] for r in rows) > 0  # the missing and the corrupt image, each time they come up
+    assert rows[-1]["loss"] < 0.95 * rows[0]["loss"], [r["loss"] for r in rows]  # LoRA learns the dialogues
     assert (out / "final" / "lora_adapter" / "adapter_config.json").exists()
     assert list(out.rglob("events.out.tfevents.*"))  # TensorBoard got the metrics too
     model = MPMForConditionalGeneration.from_pretrained(out / "final")
     assert model.config.use_slicing and not any("lora" in n for n, _ in model.named_parameters())
+    from mpm.processor import MPMProcessor
+
+    pixels, _ = MPMProcessor.from_pretrained(out / "final").image_inputs(Image.open(conversations.parent / "0.png"))
+    assert len(pixels) == 1 + 2 * 2  # the training images were sliced: an overview and a 2x2 grid
 
 
 def test_lora_checkpoint_reloads_to_identical_logits(tiny, tmp_path):
