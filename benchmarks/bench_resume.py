@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench_i2t import word_tokenizer  # noqa: E402
 
-from dataproc.config import load_config  # noqa: E402
 from dataproc.sharder import ShardConfig, shard  # noqa: E402
 from dataproc.synthetic import SIZES, write_pairs  # noqa: E402
+from mpm.core.config import load_config  # noqa: E402
 from mpm.data import PairCaptions, collate  # noqa: E402
 from mpm.modeling import MPMForConditionalGeneration  # noqa: E402
 from mpm.train_config import CAPTION_PROMPTS  # noqa: E402

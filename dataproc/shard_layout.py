@@ -10,12 +10,24 @@ Keys are digits only, `{shard:05d}{index:04d}` (webdataset splits keys at the fi
 
 from __future__ import annotations
 
+import glob
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import braceexpand
 import pyarrow as pa
+
+
+def expand_paths(pattern: str) -> list[str]:
+    """Brace expansion ("{00000..00009}") and globs; a plain path is returned as is."""
+    paths: list[str] = []
+    for expanded in braceexpand.braceexpand(pattern):
+        matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
+        paths.extend(matches)
+    return paths
+
 
 # Every status a sample can end with. Stats files count each (as "successes" for success).
 FAILURE_STATUSES = ("failed_to_read", "failed_to_download", "failed_to_decode", "failed_to_resize")

@@ -22,8 +22,9 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset
 
-from dataproc.shard_layout import IMAGE_FIELDS
-from dataproc.sharder.images import upright_rgb
+from dataproc.shard_layout import IMAGE_FIELDS, expand_paths
+from mpm.core.images import upright_rgb
+from mpm.core.skips import SkipLog
 
 logger = logging.getLogger(__name__)
 
@@ -36,22 +37,23 @@ class Pair(NamedTuple):
 
 @dataclass
 class BadSampleCounter:
-    """The one bad-sample policy of the shard reader: count it, log its key, skip it."""
+    """The one bad-sample policy of the shard reader: count it, keep its key (the first 1,000), skip it. The
+    first skips are logged in full, then one line every 1,000 (mpm.core.skips), so a dirty shard cannot bury a
+    real error; the count stays exact."""
 
     count: int = 0
     keys: list[str] = field(default_factory=list)
+    log: SkipLog = field(default_factory=lambda: SkipLog(logger, "bad sample"))
 
     def record(self, key: str, reason: str) -> None:
         self.count += 1
         if len(self.keys) < 1000:
             self.keys.append(key)
-        logger.warning("skipping bad sample %s: %s", key, reason)
+        self.log.record(key, reason)
 
 
 def shard_urls(pattern: str | Sequence[str]) -> list[str]:
     """A brace pattern ("out/{00000..00009}.tar"), a folder of .tar files, a glob, or a list of them."""
-    from dataproc.sharder.readers import expand_paths
-
     patterns = [pattern] if isinstance(pattern, str | Path) else list(pattern)
     urls: list[str] = []
     for p in patterns:

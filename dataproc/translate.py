@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dataproc.config import ConfigError
-from dataproc.llm_client import ChatClient, LLMError
+from mpm.core.errors import ConfigError
+from mpm.core.http import ChatClient, LLMError
 
 # ISO 639-1 -> (English name, FLORES-200 code used by NLLB-200). Codes from the NLLB-200 model card's language
 # list (facebook/nllb-200-distilled-600M, "Languages": FLORES-200 codes).

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from mpm.inference import Request, generate, open_image
+from mpm.core.images import ImageError, open_image
+from mpm.inference import Request, generate
 from mpm.processor import MPMProcessor
 
 HELP = """commands: /image PATH (add an image to your next message), /reset (forget the conversation), /quit"""
@@ -87,5 +88,5 @@ def _add_image(path: str, pending: list, write: Callable[[str], None]) -> None:
     try:
         pending.append(open_image(path))
         write(f"(image {path} added to your next message)")
-    except (FileNotFoundError, ValueError) as exc:
+    except ImageError as exc:
         write(f"error: {exc}")

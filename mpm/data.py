@@ -17,12 +17,17 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
-from dataproc.config import ConfigError
 from dataproc.shards import BadSampleCounter, decode_pair, iter_samples
-from mpm.processor import Encoded, MPMProcessor, ProcessingError, open_image
-from unimm_chat.conversations import Conversation, ConversationFormatError, read_conversations
+from mpm.core.errors import ConfigError, DataError
+from mpm.core.images import ImageError, open_image
+from mpm.core.skips import SkipLog
+from mpm.processor import Encoded, MPMProcessor, ProcessingError
+from unimm_chat import Conversation, read_conversations
 
 logger = logging.getLogger(__name__)
+# Skips of this process (each DataLoader worker has its own): the first are logged, then every 1,000th.
+SKIPPED_SAMPLES = SkipLog(logger, "sample")
+SKIPPED_CONVERSATIONS = SkipLog(logger, "conversation")
 
 
 @dataclass
@@ -88,7 +93,7 @@ class PairCaptions(IterableDataset):
             try:
                 yield self.processor.encode_conversation(messages, [pair.image], self.max_length)
             except ProcessingError as exc:
-                logger.warning("skipping sample %s: %s", key, exc)
+                SKIPPED_SAMPLES.record(key, str(exc))
                 yield Skipped(str(exc), key)
 
 
@@ -98,7 +103,7 @@ def read_all(files: list[str], image_folder: str | None) -> list[Conversation]:
         raise ConfigError(f"data.image_folder {image_folder!r} is not a folder")
     try:
         return [c for f in files for c in read_conversations(f)]
-    except (OSError, ConversationFormatError) as exc:
+    except (OSError, DataError) as exc:
         raise ConfigError(f"data.conversations: {exc}") from None
 
 
@@ -125,14 +130,14 @@ class Conversations(Dataset):
             path = self.image_folder / name if self.image_folder else Path(name)
             try:
                 images.append(open_image(path))
-            except (FileNotFoundError, ValueError) as exc:  # missing, truncated, too large or not an image: skip
-                logger.warning("skipping conversation %s: image %s: %s", conv.id, path, exc)
+            except ImageError as exc:  # missing, truncated, too large or not an image: skip
+                SKIPPED_CONVERSATIONS.record(conv.id, f"image {path}: {exc}")
                 return Skipped(f"unreadable image ({type(exc).__name__})", str(path))
         messages = [{"role": m.role, "content": m.content} for m in conv.messages]
         try:
             return self.processor.encode_conversation(messages, images, self.max_length)
         except ProcessingError as exc:
-            logger.warning("skipping conversation %s: %s", conv.id, exc)
+            SKIPPED_CONVERSATIONS.record(conv.id, str(exc))
             return Skipped(str(exc).split(":")[0], conv.id)
 
 

@@ -13,13 +13,10 @@ from pathlib import Path
 
 from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-from mpm.inference import ModelLoadError, load_model
+from mpm.core.errors import ExportError, ModelLoadError
+from mpm.inference import load_model
 from mpm.modeling import MPMForConditionalGeneration
 from mpm.processor import PLAIN_CHAT_TEMPLATE
-
-
-class ExportError(ValueError):
-    """The checkpoint cannot be expressed as LLaVA; the message says why."""
 
 
 def llava_config(model: MPMForConditionalGeneration) -> LlavaConfig:

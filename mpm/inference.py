@@ -10,12 +10,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from mpm.core.errors import ModelLoadError
+from mpm.core.images import open_image
 from mpm.modeling import MPMForConditionalGeneration
-from mpm.processor import MPMProcessor, open_image
-
-
-class ModelLoadError(ValueError):
-    """The folder does not hold a model this toolkit can run."""
+from mpm.processor import MPMProcessor
 
 
 def load_model(path: str | os.PathLike, device: str = "auto", dtype=None, trust_remote_code: bool = False):

@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoImageProcessor, PreTrainedConfig, PreTr
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from mpm.configuration import CLIP_MEAN, CLIP_STD, MPMConfig
-from mpm.llm import load_llm
+from mpm.core.llm import load_llm
 from mpm.modeling import MPMForConditionalGeneration, build_connector
 from mpm.processor import MPMProcessor
 from mpm.vision import probe_patch_size

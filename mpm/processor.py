@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from dataproc.sharder.images import upright_rgb
 from mpm.configuration import MPMConfig
+from mpm.core.errors import DataError
 from mpm.slicing import slice_image
 
 IGNORE_INDEX = -100
@@ -44,21 +44,7 @@ PLAIN_CHAT_TEMPLATE = (
 )
 
 
-def open_image(image: Image.Image | str | os.PathLike) -> Image.Image:
-    """A path or PIL image as the model sees it: upright (EXIF), RGB, transparency on white, as in the shards.
-    Raises FileNotFoundError or ValueError (unreadable, truncated, too large, unsupported mode) with the path."""
-    if isinstance(image, Image.Image):
-        return upright_rgb(image)
-    try:
-        with Image.open(image) as im:
-            return upright_rgb(im)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {str(image)!r} does not exist") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"image {str(image)!r} cannot be read: {exc}") from None
-
-
-class ProcessingError(ValueError):
+class ProcessingError(DataError):
     """A sample cannot be turned into model inputs (the message says why); training counts and skips it."""
 
 

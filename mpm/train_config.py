@@ -1,10 +1,12 @@
-"""Typed configuration of `mpm train i2t` (YAML in configs/i2t/, loaded with dataproc.config.load_config)."""
+"""Typed configuration of `mpm train i2t` (YAML in configs/i2t/, loaded with mpm.core.config.load_config)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dataproc.config import ConfigError, check_choice, check_range
+# English caption instructions for stage 1, as VisCPM samples them (finetune/utils/prompts.py has 10).
+from mpm.core.config import check_choice, check_range
+from mpm.core.errors import ConfigError
 
 # English caption instructions for stage 1, as VisCPM samples them (finetune/utils/prompts.py has 10).
 CAPTION_PROMPTS = [

@@ -22,9 +22,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from dataproc.config import save_config
-from dataproc.fileio import atomic_write_json
-from dataproc.llm_client import LLMError, ResponseCache
+from mpm.core.config import save_config
+from mpm.core.errors import EndpointError
+from mpm.core.files import atomic_write_json
+from mpm.core.http import LLMError, ResponseCache
 from unimm_chat.config import BuildConfig
 from unimm_chat.conversations import Conversation, write_hf_dataset, write_llava_json, write_unimm_jsonl
 from unimm_chat.llm import HFGenerator, OpenAIGenerator, ParseError, to_conversation
@@ -124,7 +125,7 @@ def build(cfg: BuildConfig, show_progress: bool = True) -> dict[str, Any]:
     return stats
 
 
-class EndpointFailing(RuntimeError):
+class EndpointFailing(EndpointError):
     """The LLM fails every request the same way (bad key, model, URL, or a server that is down): stop early."""
 
 

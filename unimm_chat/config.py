@@ -1,12 +1,13 @@
-"""Typed configuration of `mpm unimm build` and `mpm unimm translate` (filled by dataproc.config.load_config)."""
+"""Typed configuration of `mpm unimm build` and `mpm unimm translate` (filled by mpm.core.config.load_config)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dataproc.config import ConfigError, check_choice, check_range
 from dataproc.langid import LID176_LANGUAGES
 from dataproc.translate import LANGUAGES
+from mpm.core.config import check_choice, check_range
+from mpm.core.errors import ConfigError
 
 GENERATORS = ("template", "hf", "openai")
 BACKENDS = ("hf", "openai")

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dataproc.fileio import atomic_write_bytes
+from mpm.core.errors import DataError
+from mpm.core.files import atomic_write_bytes
 
 try:
     import orjson as _json
@@ -41,7 +42,7 @@ FROM_TO_ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
 ROLE_TO_FROM = {"user": "human", "assistant": "gpt", "system": "system"}
 
 
-class ConversationFormatError(ValueError):
+class ConversationFormatError(DataError):
     """A conversation file does not follow any of the formats read here."""
 
 

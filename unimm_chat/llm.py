@@ -4,7 +4,7 @@ Both send the same prompt (the image's merged annotations and strict output rule
 prompt, so this one is ours) and parse the same output format: one JSON object
     {"conversation": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}, ...]}
 Anything else is rejected with a reason (`unparseable`, `prompt_echo`, `llm_error`); parsed dialogues then go
-through unimm_chat.validate like the template generator's. Responses are cached on disk (dataproc.llm_client), so
+through unimm_chat.validate like the template generator's. Responses are cached on disk (mpm.core.http), so
 a killed run resumes without asking again.
 """
 
@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Iterator
 
-from dataproc.llm_client import ChatClient, LLMError, ResponseCache
+from mpm.core.http import ChatClient, LLMError, ResponseCache
 from unimm_chat.config import HFGeneratorConfig, OpenAIConfig
 from unimm_chat.conversations import FROM_TO_ROLE, IMAGE_TOKEN, Conversation, Message
 from unimm_chat.sources import ImageRecord, usable_qas

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dataproc.vqa_answers import majority_answer, normalize_answer
+from mpm.core.errors import DataError
 from unimm_chat.config import SourcesConfig
 
 try:  # orjson parses the 300 MB VQAv2 annotation file about 3x faster than json
@@ -42,7 +43,7 @@ except ImportError:  # pragma: no cover - orjson is a dependency; json is the sa
 SOURCE_ORDER = ("aokvqa", "okvqa", "vqav2", "visdial")
 
 
-class SourceError(ValueError):
+class SourceError(DataError):
     """An annotation file is unreadable or does not follow its official schema."""
 
 

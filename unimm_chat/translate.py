@@ -20,11 +20,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from dataproc.config import save_config
-from dataproc.fileio import atomic_write_json
 from dataproc.langid import LanguageIdentifier
-from dataproc.llm_client import ChatClient, ResponseCache
 from dataproc.translate import LANGID_ALIASES, EndpointTranslator, HFTranslator, TranslationError
+from mpm.core.config import save_config
+from mpm.core.files import atomic_write_json
+from mpm.core.http import ChatClient, ResponseCache
 from unimm_chat.config import TranslateConfig
 from unimm_chat.conversations import IMAGE_TOKEN, Conversation, Message, read_conversations, write_llava_json
 

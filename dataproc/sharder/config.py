@@ -1,4 +1,4 @@
-"""Typed configuration of `mpm data shard`. YAML files in configs/data/ fill it; see dataproc.config."""
+"""Typed configuration of `mpm data shard`. YAML files in configs/data/ fill it; see mpm.core.config."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from dataproc.config import ConfigError, check_choice, check_range
 from dataproc.langid import LID176_LANGUAGES
 from dataproc.shard_layout import RECORD_SCHEMA
+from mpm.core.config import check_choice, check_range
+from mpm.core.errors import ConfigError
 
 INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "folder", "webdataset", "hf")
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")

@@ -11,10 +11,10 @@ import io
 from dataclasses import dataclass
 
 import imagehash
-import numpy as np
 from PIL import Image, ImageOps
 
 from dataproc.sharder.config import FilterConfig, OutputConfig, ResizeConfig
+from mpm.core.images import ImageError, to_rgb
 
 EXIF_ORIENTATION = 0x0112
 SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
@@ -79,40 +79,6 @@ def check_image_filters(width: int, height: int, cfg: FilterConfig) -> None:
         )
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any supported mode to RGB; transparency is composited on white."""
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("1", "L", "YCbCr", "CMYK", "RGBX"):
-        return im.convert("RGB")
-    if im.mode.startswith("I"):  # 16-bit (I;16, I;16B, ...) or 32-bit integer holding 16-bit samples (PNG)
-        arr = np.asarray(im)
-        if arr.size and (arr.min() < 0 or arr.max() > 65535):
-            raise Rejected("failed_to_decode", f"unsupported image mode {im.mode} with values outside 0..65535")
-        arr8 = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)  # 16 -> 8 bits, rounded
-        return Image.fromarray(arr8, "L").convert("RGB")
-    if im.mode == "P":
-        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
-        if im.mode == "RGB":
-            return im
-    if im.mode in ("LA", "La", "PA", "RGBa"):
-        im = im.convert("RGBA")
-    if im.mode == "RGBA":
-        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        background.alpha_composite(im)
-        return background.convert("RGB")
-    raise Rejected("failed_to_decode", f"unsupported image mode {im.mode}")
-
-
-def upright_rgb(im: Image.Image) -> Image.Image:
-    """An opened image as every reader should see it (the sharder, trainers, inference): EXIF orientation applied,
-    then `to_rgb`. Raises ValueError for a mode with no RGB meaning."""
-    try:
-        return to_rgb(ImageOps.exif_transpose(im))
-    except Rejected as exc:
-        raise ValueError(exc.message) from None
-
-
 def process_image(data: bytes, resize: ResizeConfig, filters: FilterConfig, output: OutputConfig) -> ProcessedImage:
     """Bytes in, encoded output out. Raises Rejected for every way a sample can fail or be filtered."""
     if not data:
@@ -148,7 +114,10 @@ def process_image(data: bytes, resize: ResizeConfig, filters: FilterConfig, outp
         raise Rejected("failed_to_decode", f"corrupt or truncated image: {exc}") from None
     if orientation != 1:
         im = ImageOps.exif_transpose(im)
-    im = to_rgb(im)
+    try:
+        im = to_rgb(im)
+    except ImageError as exc:
+        raise Rejected("failed_to_decode", str(exc)) from None
     phash = perceptual_hash(im)
 
     try:

@@ -11,7 +11,6 @@ worker process resolves, so the coordinator never ships image payloads between p
 
 from __future__ import annotations
 
-import glob
 import gzip
 import json
 import os
@@ -21,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import braceexpand
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from dataproc.config import ConfigError
+from dataproc.shard_layout import expand_paths
 from dataproc.sharder.config import InputConfig
+from mpm.core.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 TABULAR_SUFFIXES = {
@@ -79,15 +78,6 @@ def _suffix(path: str) -> str:
         if name.endswith(suffix):
             return suffix
     return os.path.splitext(name)[1]
-
-
-def expand_paths(pattern: str) -> list[str]:
-    """Brace expansion ("{00000..00009}") and globs; a plain path is returned as is."""
-    paths: list[str] = []
-    for expanded in braceexpand.braceexpand(pattern):
-        matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
-        paths.extend(matches)
-    return paths
 
 
 def _is_hf_dataset_dir(path: Path) -> bool:

@@ -24,8 +24,6 @@ from typing import Any
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from dataproc.config import ConfigError, diff_configs, load_config, save_config
-from dataproc.fileio import atomic_write_json, remove_temporaries
 from dataproc.shard_layout import completed_shards, make_key, shard_name, total_stats
 from dataproc.sharder.config import RESUMABLE_CHANGES, ShardConfig
 from dataproc.sharder.executors import make_executor
@@ -33,6 +31,9 @@ from dataproc.sharder.filters import Deduplicator
 from dataproc.sharder.readers import InputRow, count_rows, input_fingerprint, read_rows, resolve_input
 from dataproc.sharder.worker import ShardTask, staged_paths
 from dataproc.sharder.writer import apply_retry, finalize_shard, read_staged
+from mpm.core.config import diff_configs, load_config, save_config
+from mpm.core.errors import ConfigError
+from mpm.core.files import atomic_write_json, remove_temporaries
 
 logger = logging.getLogger(__name__)
 

@@ -26,13 +26,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from dataproc.fileio import atomic_write_bytes
 from dataproc.shard_layout import RECORD_SCHEMA
 from dataproc.sharder.config import ShardConfig
 from dataproc.sharder.fetch import Fetcher, FetchError
 from dataproc.sharder.filters import CaptionFilters
 from dataproc.sharder.images import Rejected, process_image
 from dataproc.sharder.readers import InputRow, read_source_bytes
+from mpm.core.files import atomic_write_bytes
 
 PROGRESS_INTERVAL_S = 0.5
 

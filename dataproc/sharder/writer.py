@@ -18,10 +18,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dataproc.fileio import atomic_write_json
 from dataproc.shard_layout import FAILURE_STATUSES, count_statuses, shard_name, stats_path
 from dataproc.sharder.filters import Deduplicator
 from dataproc.sharder.worker import records_table, staged_paths
+from mpm.core.files import atomic_write_json
 
 MAX_ERROR_GROUPS = 20
 

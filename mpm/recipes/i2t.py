@@ -25,20 +25,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from dataproc.config import ConfigError, config_to_dict
 from dataproc.shards import shard_urls
+from mpm.core.config import config_to_dict
+from mpm.core.errors import ConfigError
+from mpm.core.runs import Checkpoints, Metrics, check_resume
 from mpm.data import Conversations, LengthGroupedSampler, PairCaptions, collate, read_all, to_device
 from mpm.modeling import MPMForConditionalGeneration
-from mpm.train_config import TrainConfig
-from mpm.training import (
-    Checkpoints,
-    Metrics,
-    build_model,
-    check_resume,
-    keep_frozen_norm_statistics,
-    save_final,
-    set_trainable,
-)
+from mpm.train_config import RESUMABLE, TrainConfig
+from mpm.training import build_model, keep_frozen_norm_statistics, save_final, set_trainable
 
 logger = logging.getLogger(__name__)
 # Stop when this many samples in a row (on all processes, counted at each log) were unusable: the data is broken.
@@ -71,7 +65,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
         raise ConfigError("train.lora needs whole weights to merge: use DDP or DeepSpeed ZeRO-2, not FSDP / ZeRO-3")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        check_resume(out, cfg)
+        check_resume(out, cfg, RESUMABLE)
     accelerator.wait_for_everyone()
     set_seed(t.seed)
 

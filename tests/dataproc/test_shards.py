@@ -16,8 +16,8 @@ from tests.conftest import distinct_jpeg
 @pytest.fixture(scope="module")
 def two_sets(tmp_path_factory):
     """Two shard sets written by the real sharder: A with 24 samples in 6 shards, B with 8 in 2."""
-    from dataproc.config import load_config
     from dataproc.sharder import ShardConfig
+    from mpm.core.config import load_config
 
     root = tmp_path_factory.mktemp("sets")
     for name, n, offset in [("A", 24, 0), ("B", 8, 100)]:

@@ -169,8 +169,8 @@ def make_colour_shards(root):
 
     from PIL import Image
 
-    from dataproc.config import load_config
     from dataproc.sharder import ShardConfig, shard
+    from mpm.core.config import load_config
 
     rng = random.Random(0)
     rows = []

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parents[2]))
 
 from accelerate import PartialState  # noqa: E402
 
-from dataproc.config import load_config  # noqa: E402
+from mpm.core.config import load_config  # noqa: E402
 from mpm.recipes.i2t import train  # noqa: E402
 from mpm.train_config import TrainConfig  # noqa: E402
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from dataproc.config import load_config
 from mpm.configuration import MPMConfig
+from mpm.core.config import load_config
 from mpm.train_config import TrainConfig
 from mpm.training import mpm_settings
 from tests.mpm.conftest import text_config, vision_config

@@ -7,7 +7,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from mpm.chat import interactive
 from mpm.cli import main
-from mpm.export import ExportError, export_llava
+from mpm.core.errors import ExportError
+from mpm.export import export_llava
 from mpm.inference import Request, generate, load_model, without_reasoning
 from tests.mpm.conftest import make_tokenizer
 
@@ -181,26 +182,3 @@ def test_end_of_turn_tokens_survive_save_and_export(tiny, tmp_path):
     assert end_of_turn in stop_tokens(reloaded, reprocessor.tokenizer)
     llava, llava_processor = load_model(export_llava(tmp_path / "mpm", tmp_path / "llava"), device="cpu")
     assert end_of_turn in stop_tokens(llava, llava_processor.tokenizer)
-
-
-def test_images_are_seen_upright_in_rgb_as_in_the_shards(tmp_path):
-    from mpm.inference import open_image
-
-    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))  # fully transparent: white, as the sharder makes it
-    assert open_image(rgba).getpixel((0, 0)) == (255, 255, 255)
-    phone = Image.new("RGB", (40, 20), (10, 200, 10))
-    exif = phone.getexif()
-    exif[0x0112] = 6  # stored sideways, shown rotated by 90 degrees
-    phone.save(tmp_path / "phone.jpg", exif=exif)
-    assert open_image(tmp_path / "phone.jpg").size == (20, 40)
-    deep = Image.fromarray(__import__("numpy").full((4, 4), 65535, dtype="uint16"))  # 16-bit white
-    assert open_image(deep).getpixel((0, 0)) == (255, 255, 255)
-
-
-def test_a_huge_image_is_a_clear_error_not_a_crash(tmp_path, monkeypatch):
-    from mpm.inference import open_image
-
-    Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 pixels is over twice the limit: Pillow refuses
-    with pytest.raises(ValueError, match="big.png' cannot be read: Image size"):
-        open_image(tmp_path / "big.png")

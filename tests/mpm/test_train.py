@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dataproc.config import ConfigError, load_config
 from mpm.cli import main
+from mpm.core.config import load_config
+from mpm.core.errors import ConfigError
 from mpm.modeling import MPMForConditionalGeneration
 from mpm.train_config import TrainConfig
 from mpm.training import save_final, set_trainable
@@ -317,7 +318,7 @@ def test_bad_paths_are_clear_errors_before_the_model_loads(tiny_parts, tmp_path,
 def test_a_moved_run_resumes_and_another_process_count_is_refused(tiny_parts, tmp_path):
     from types import SimpleNamespace
 
-    from mpm.training import Checkpoints
+    from mpm.core.runs import Checkpoints
 
     conversations = write_conversations(tmp_path / "data")
     assert main(sft_args(tiny_parts, conversations, tmp_path / "run", "train.max_steps=6")) == 0
@@ -326,18 +327,6 @@ def test_a_moved_run_resumes_and_another_process_count_is_refused(tiny_parts, tm
     latest = Checkpoints(tmp_path / "moved", 2).latest()
     with pytest.raises(ConfigError, match="written by 1 processes, this run has 2"):
         Checkpoints.load(SimpleNamespace(num_processes=2), latest)
-
-
-def test_metrics_rewind_to_the_checkpoint_and_survive_a_row_cut_by_a_kill(tmp_path):
-    from types import SimpleNamespace
-
-    from mpm.training import Metrics
-
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
-    Metrics(tmp_path, SimpleNamespace(is_main_process=True), resumed_at=2)
-    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
-    Metrics(tmp_path, SimpleNamespace(is_main_process=True), resumed_at=None)  # a new run: a new file
-    assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
 def test_a_frozen_convolutional_tower_keeps_its_batch_norm_statistics(tiny):

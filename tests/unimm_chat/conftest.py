@@ -1,12 +1,9 @@
-"""Fixtures for unimm_chat: official-schema annotation files, a fake OpenAI-compatible server, tiny real models."""
+"""Fixtures for unimm_chat: official-schema annotation files, a tiny real models (the fake OpenAI-compatible server is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import io
 import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -17,80 +14,6 @@ from unimm_chat.synthetic import write_annotations
 def annotations(tmp_path):
     """{source name: path} of small synthetic files in the official schemas (40 images)."""
     return write_annotations(tmp_path / "ann", 40)
-
-
-class FakeChatServer:
-    """An OpenAI-compatible /v1/chat/completions on 127.0.0.1; `respond(request_json) -> reply` decides answers.
-
-    `respond` returns a string (sent as the assistant message), or a tuple (status, body bytes[, headers]).
-    """
-
-    def __init__(self, respond, delay_s: float = 0.0):
-        self.respond = respond
-        self.delay_s = delay_s
-        self.requests: list[dict] = []
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.requests.append(body)
-                if server.delay_s:
-                    time.sleep(server.delay_s)
-                result = server.respond(body)
-                if isinstance(result, str):
-                    payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": result}}]}).encode()
-                    status, headers = 200, {}
-                else:
-                    status, payload, *rest = result
-                    headers = rest[0] if rest else {}
-                try:
-                    self.send_response(status)
-                    for k, v in headers.items():
-                        self.send_header(k, v)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request, client_address):
-                pass
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def chat_server():
-    servers = []
-
-    def start(respond, delay_s: float = 0.0) -> FakeChatServer:
-        servers.append(FakeChatServer(respond, delay_s))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
 
 
 CORPUS = [

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dataproc.config import load_config
-from dataproc.llm_client import ChatClient, LLMError
+from mpm.core.config import load_config
 from unimm_chat.build import EndpointFailing, build
 from unimm_chat.config import BuildConfig
 from unimm_chat.llm import ParseError, parse_dialogue
@@ -172,25 +171,6 @@ def test_killed_openai_run_resumes_without_asking_again(annotations, chat_server
     stats = build(openai_config(annotations, out, server.base_url), show_progress=False)
     assert stats["dialogues"] == 40 and stats["cache"]["cached_replies_used"] == cached
     assert len(server.requests) - asked == 40 - cached  # nothing in the cache is asked again
-
-
-def test_chat_client_sends_the_key_and_reports_unreachable_servers(chat_server, monkeypatch):
-    seen = {}
-
-    def respond(body):
-        seen.update(body)
-        return "ok"
-
-    server = chat_server(respond)
-    monkeypatch.setenv("TEST_KEY", "sk-test")
-    client = ChatClient(server.base_url, "m", api_key_env="TEST_KEY", retries=0)
-    assert client.headers["Authorization"] == "Bearer sk-test"
-    assert client.complete([{"role": "user", "content": "hi"}]) == "ok" and seen["model"] == "m"
-    dead = ChatClient("http://127.0.0.1:1/v1", "m", retries=1, backoff_s=0.01)
-    with pytest.raises(LLMError, match="after 2 attempts"):
-        dead.complete([{"role": "user", "content": "hi"}])
-    with pytest.raises(ValueError, match="base_url"):
-        ChatClient("localhost:8000", "m")
 
 
 def test_hf_generator_with_a_tiny_random_model(annotations, tiny_chat_model, tmp_path):

@@ -3,7 +3,8 @@ import re
 
 import pytest
 
-from dataproc.config import ConfigError, load_config
+from mpm.core.config import load_config
+from mpm.core.errors import ConfigError
 from unimm_chat.config import TranslateConfig
 from unimm_chat.conversations import Conversation, Message, write_llava_json
 from unimm_chat.translate import segments, translate

@@ -3,9 +3,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from dataproc.config import load_config
 from dataproc.sharder.config import FetchConfig, ShardConfig
 from dataproc.sharder.fetch import Fetcher, FetchError, disallowed_directive
+from mpm.core.config import load_config
 from tests.conftest import image_bytes
 
 

@@ -3,10 +3,10 @@ import random
 
 import pytest
 
-from dataproc.config import load_config
 from dataproc.sharder.config import ShardConfig
 from dataproc.sharder.filters import CaptionFilters, Deduplicator, HammingIndex
 from dataproc.sharder.images import Rejected
+from mpm.core.config import load_config
 
 
 def filters(**flags):

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataproc.config import load_config
 from dataproc.sharder.config import ShardConfig
 from dataproc.sharder.images import Rejected, process_image, resized_size
 from dataproc.synthetic import render_pair
+from mpm.core.config import load_config
 from tests.conftest import image_bytes
 
 

@@ -7,9 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dataproc.config import ConfigError, load_config
 from dataproc.sharder.config import ShardConfig
 from dataproc.sharder.readers import DatasetImage, TarMember, read_rows, read_source_bytes, resolve_input
+from mpm.core.config import load_config
+from mpm.core.errors import ConfigError
 from tests.conftest import image_bytes
 
 

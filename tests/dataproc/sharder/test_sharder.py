@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dataproc.config import ConfigError
 from dataproc.shard_layout import STATUSES, completed_shards, total_stats
 from dataproc.sharder import ShardRunError, shard
+from mpm.core.errors import ConfigError
 from tests.conftest import distinct_jpeg, image_bytes
 from tests.dataproc.sharder.test_images import png_header_only
 

@@ -7,8 +7,7 @@ OmegaConf structured configs do the merging and type checking; unknown keys and 
 errors that name the key and where it came from. The typed dataclass is then instantiated, so each dataclass's
 `__post_init__` validates values (ranges, choices) in one place.
 
-This lives in `dataproc` because every other package may import `dataproc` and nothing below it exists
-(see docs/decisions.md).
+Every package's typed dataclasses (the sharder's, the recipes', ...) are filled through this one function.
 """
 
 from __future__ import annotations
@@ -22,13 +21,10 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dataproc.fileio import atomic_write_bytes
+from mpm.core.errors import ConfigError
+from mpm.core.files import atomic_write_bytes
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message says where it came from and what to do."""
 
 
 def _first_line(exc: Exception) -> str:

@@ -1,0 +1,52 @@
+"""The `mpm` command line: the only place in the project that parses arguments; nothing imports it.
+
+One module per command group registers its subcommands (data, unimm, train, chat, export). Every command takes
+`--config FILE.yaml`, its flags (each sets one config key) and dotted `key=value` overrides (mpm/cli/options.py).
+Modules import the library lazily, inside the commands, so `mpm --help` does not load torch.
+
+Errors: any `mpm.core.errors.UserError` becomes one line, `error: ...`, and exit status 2; anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from mpm.cli import chat, data, export, train, unimm
+
+GROUPS = [data, unimm, train, chat, export]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mpm import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="mpm",
+        description="MPM toolkit: multilingual multimodal models trained on English image-text data.",
+    )
+    parser.add_argument("--version", action="version", version=f"mpm-toolkit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more (INFO level)")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{data,unimm,train,chat,export}")
+    for group in GROUPS:
+        group.register(groups)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    from mpm.core.errors import UserError
+
+    try:
+        return args.handler(args)
+    except UserError as exc:
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,77 @@
+"""`mpm chat`: talk to an image-to-text model, one message or an interactive session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mpm.cli.options import Flag, add_command, load_command_config, print_config
+
+
+@dataclass
+class ChatCommand:
+    model: str = ""  # a checkpoint folder: MPM, or LLaVA (exported or native)
+    prompt: str | None = None  # the message (with interactive: the first one, optional)
+    image: list[str] = field(default_factory=list)  # image files, in order
+    interactive: bool = False
+    raw: bool = False  # the message as a raw prompt, without the chat template
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 0.9
+    device: str = "auto"  # auto | cpu | cuda
+
+
+FLAGS = [
+    Flag("--model", "model", str, "checkpoint folder (MPM, or LLaVA / exported)"),
+    Flag("--image", "image", "append", "an image file; repeat for several"),
+    Flag("--interactive", "interactive", "flag", "multi-turn session (--image and the message, if given, start it)"),
+    Flag("--raw", "raw", "flag", "send the message as a raw prompt, without the chat template"),
+    Flag("--max-new-tokens", "max_new_tokens", int, "tokens to generate at most (default: 256)"),
+    Flag("--temperature", "temperature", float, "0 = greedy (default)"),
+    Flag("--top-p", "top_p", float, "nucleus sampling mass when sampling (default: 0.9)"),
+    Flag("--device", "device", str, "auto|cpu|cuda (default: auto)"),
+]
+
+
+def chat_command(args) -> int:
+    from mpm.core.errors import ConfigError
+
+    cfg = load_command_config(ChatCommand, args)
+    if args.print_config:
+        print_config(cfg)
+        return 0
+    if not cfg.model:
+        raise ConfigError("give the checkpoint to talk to: --model DIR")
+    if not cfg.interactive and not cfg.prompt:
+        raise ConfigError("give a message to answer, or --interactive")
+    from mpm.chat import interactive, one_shot
+    from mpm.core.images import open_image
+    from mpm.inference import load_model
+
+    for path in cfg.image:
+        open_image(path)  # a missing or unreadable image is an error before the model loads
+    model, processor = load_model(cfg.model, device=cfg.device)
+    generation = {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.temperature > 0}
+    if cfg.temperature > 0:
+        generation.update(temperature=cfg.temperature, top_p=cfg.top_p)
+    if cfg.interactive:  # --image and the message, if given, are the first turn's
+        interactive(model, processor, images=cfg.image, first=cfg.prompt, **generation)
+    else:
+        print(one_shot(model, processor, cfg.prompt, cfg.image, raw=cfg.raw, **generation))
+    return 0
+
+
+def register(groups) -> None:
+    add_command(
+        groups,
+        "chat",
+        chat_command,
+        FLAGS,
+        positional=("prompt", "the message (with --interactive: the first one, optional)"),
+        help="talk to an image-to-text model (one message, or --interactive)",
+        description=(
+            "Answer a message about one or more images with an MPM checkpoint (or a LLaVA one). Without <image> "
+            "markers in the message, the images go first. --interactive starts a multi-turn session: /image PATH "
+            "adds an image to the next message, /reset forgets, /quit ends."
+        ),
+        epilog='example: mpm chat --model runs/sft --image cat.jpg "用中文描述这张图片"',
+    )

@@ -1,0 +1,45 @@
+"""`mpm train`: the training recipes (i2t: image-to-text, stage pretrain or sft)."""
+
+from __future__ import annotations
+
+from mpm.cli.options import Flag, add_command, load_command_config, print_config
+
+I2T_FLAGS = [
+    Flag("--output-dir", "train.output_dir", str, "run folder: checkpoints, metrics.jsonl, final/"),
+    Flag("--max-steps", "train.max_steps", int, "optimizer steps"),
+]
+
+
+def i2t_command(args) -> int:
+    from mpm.train_config import TrainConfig
+
+    cfg = load_command_config(TrainConfig, args)
+    if args.print_config:
+        print_config(cfg)
+        return 0
+    from mpm.recipes.i2t import train
+
+    result = train(cfg, show_progress=not args.no_progress)
+    print(f"final model in {result.final}")
+    return 0
+
+
+def register(groups) -> None:
+    train = groups.add_parser("train", help="train models (i2t: image-to-text)")
+    commands = train.add_subparsers(dest="command", required=True, metavar="{i2t}")
+    p = add_command(
+        commands,
+        "i2t",
+        i2t_command,
+        I2T_FLAGS,
+        config_required=True,
+        help="MPM image-to-text training: stage pretrain (English pairs, LLM frozen) or sft (conversations)",
+        description=(
+            "Train an image-to-text MPM model with accelerate. stage: pretrain reads pair shards (mpm data shard) "
+            "with the LLM frozen; stage: sft reads conversations (LLaVA JSON, UniMM-Chat jsonl, ShareGPT) and trains "
+            "the LLM (full or LoRA). Rerunning the same command resumes exactly from the last checkpoint. Multi-GPU: "
+            "accelerate launch --config_file configs/accelerate/ddp.yaml -m mpm.cli train i2t --config ..."
+        ),
+        epilog="example: mpm train i2t --config configs/i2t/qwen2.5-0.5b_siglip_resampler_pretrain.yaml train.max_steps=2000",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")

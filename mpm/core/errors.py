@@ -1,0 +1,32 @@
+"""The errors a user can cause, and fix. The CLI prints any `UserError` as one line (`error: ...`) and exits 2;
+every other exception is a bug and keeps its traceback.
+
+Messages name what is wrong (the file, the key, the value) and say what to do. Packages subclass these for their
+own cases (a malformed annotation file is a `DataError`), so callers catch the kind, not the package.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Something the user gave is wrong; the message says what and how to fix it."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration key or value is wrong; the message says where it came from."""
+
+
+class DataError(UserError, ValueError):
+    """An input file the user named is missing, unreadable or not in a format this toolkit reads."""
+
+
+class ModelLoadError(UserError, ValueError):
+    """A model folder or hub id does not hold a model this toolkit can load."""
+
+
+class EndpointError(UserError):
+    """An HTTP endpoint (an OpenAI-compatible server) refuses every request, or keeps failing."""
+
+
+class ExportError(UserError, ValueError):
+    """A checkpoint cannot be written in the format asked for; the message says why."""
