@@ -3,14 +3,17 @@
 One multi-turn conversation per image, written as an assistant that sees the picture would talk:
     1. the user asks about the picture; the assistant describes it from the captions (the most informative one,
        then up to two others that add something);
-    2. questions from the VQA sources and Visual Dialog, each answered naturally for its kind of answer (yes/no,
-       a count, a colour, a place, a thing), hedged when the VQA annotators disagreed;
+    2. questions from the VQA sources and Visual Dialog, each answered as a reply to that kind of question (yes/no,
+       a count, a colour, what a sign says, a brand, a time, a sport, a place, what someone is doing, who, why, a
+       thing), hedged when the VQA annotators disagreed;
     3. knowledge questions (OK-VQA, A-OKVQA) last, with A-OKVQA's rationales as the explanation, inline or after a
        "why?" from the user.
 Every phrasing comes from a pool and is drawn with a random generator seeded by (seed, image id), so a run is
 reproducible and an image's dialogue does not depend on the others. Each template used is recorded as a
 "phrasing pattern" (`slot:index`) for the stats' diversity report; a human's own wording used verbatim (a
-VisDial answer, a caption that is already a sentence) is not a template and is not counted.
+VisDial answer, a caption that is already a sentence) is not a template and is not counted. Annotator text spliced
+into a sentence keeps its case unless its first word is a closed-class word ("I also notice a living room", but
+"I also notice NASA's rocket"; see `closed_class.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import re
 from dataclasses import dataclass
 
 from dataproc.vqa_answers import normalize_answer
+from unimm_chat.closed_class import CLOSED_CLASS_WORDS
 from unimm_chat.conversations import IMAGE_TOKEN, Conversation, Message
 from unimm_chat.sources import QA, ImageRecord, usable_qas
 
@@ -88,45 +92,120 @@ HOW_MANY_ZERO = [
     "Zero, as far as I can tell.",
     "None that I can see.",
 ]
+# Every one says "nothing": the validator looks for the answer's word when the answer is "nothing" (not "none").
 NOTHING = [
     "Nothing.",
     "Nothing, as far as I can tell.",
-    "I don't see anything.",
-    "None that I can see.",
+    "Nothing that I can see.",
     "Nothing at all.",
+    "Nothing, from what I can see.",
 ]
 NUMBER = ["{N}.", "It's {n}.", "It looks like {n}.", "The number is {n}.", "I can make out {n}.", "I'd say {n}."]
+# The answer to a "what/which/who/where/why" question is a bare fragment in VQA ("frisbee", "stop sign", "on table"),
+# so these pools put it first or after a hedge, as a person answering briefly would ("Frisbee, I believe."): a frame
+# such as "It's {a}." or "It looks like {a}." only reads well for some kinds of answer (a colour, a time, a sport, a
+# brand) and has its own pool there.
 WHAT = [
-    "{A}.", "It's {a}.", "It looks like {a}.", "I'd say {a}.", "That would be {a}.", "It appears to be {a}.",
-    "Looks like {a}.", "{A}, from what I can see.", "{A}, I believe.", "That looks like {a}.", "Pretty sure it's {a}.",
-    "{A}, as far as I can tell.", "From what I can see, it's {a}.", "I think it's {a}.", "My answer would be {a}.",
+    "{A}.", "I'd say {a}.", "{A}, from what I can see.", "{A}, I believe.", "{A}, as far as I can tell.",
+    "{A}, by the look of it.", "{A}, judging from the picture.", "{A}, I think.", "I'd go with {a}.",
+    "{A}, it looks like.",
+]  # fmt: skip
+OTHER = [
+    "{A}.", "I'd say {a}.", "{A}, it seems.", "{A}, as far as I can tell.", "{A}, I believe.",
+    "{A}, by the look of it.", "{A}, judging from the picture.", "{A}, I think.", "{A}, from what I can see.",
 ]  # fmt: skip
 COLOUR = [
     "{A}.", "It's {a}.", "It looks {a}.", "{A}, mostly.", "It appears {a}.", "I'd call it {a}.", "Mostly {a}.",
     "It looks {a} to me.", "{A}, from what I can see.", "The colour is {a}.", "I'd say {a}.", "Looks {a}.",
 ]  # fmt: skip
-OTHER = [
-    "{A}.", "I'd say {a}.", "{A}, it seems.", "From what I can see, {a}.", "{A}, as far as I can tell.",
-    "Looks like {a}.", "I think {a}.", "{A}, I believe.", "It seems {a}.", "My take: {a}.", "{A}, by the look of it.",
-    "{A}, judging from the picture.",
+# "What does the sign say?": the words are quoted exactly as written.
+SAYS = [
+    'It says "{a}".', 'It reads "{a}".', 'It says "{a}", as far as I can read.', 'I can read "{a}".',
+    'The writing says "{a}".', 'The text reads "{a}".', 'It says "{a}", from what I can make out.',
+    'From what I can read, it says "{a}".',
+]  # fmt: skip
+SAYS_HEDGED = [
+    'I think it says "{a}".', 'It seems to say "{a}".', 'It\'s hard to read, but probably "{a}".',
+    'Probably "{a}", but it\'s hard to make out.', 'It might say "{a}".',
+]  # fmt: skip
+BRAND = [
+    "{A}.", "It's {a}.", "It looks like {a}.", "{A}, I believe.", "{A}, from what I can see.", "I'd say {a}.",
+    "The brand is {a}.", "{A}, by the look of it.",
+]  # fmt: skip
+TIME = [  # what time / time of day / season / year / month / day
+    "It's {a}.", "{A}.", "It looks like {a}.", "I'd say it's {a}.", "{A}, I'd say.", "It appears to be {a}.",
+    "{A}, by the look of it.", "From what I can see, it's {a}.",
+]  # fmt: skip
+SPORT = [  # what sport / what game
+    "{A}.", "It's {a}.", "Looks like {a}.", "That's {a}.", "{A}, by the look of it.", "{A}, from what I can see.",
+    "I'd say {a}.", "It looks like {a} to me.", "{A}, I believe.",
+]  # fmt: skip
+WHO = [
+    "{A}.", "{A}, I believe.", "{A}, from what I can see.", "{A}, as far as I can tell.", "I'd say {a}.",
+    "{A}, by the look of it.", "I'd go with {a}.",
+]  # fmt: skip
+KIND = [  # what kind / type / breed / species / style / flavour of ...
+    "{A}.", "{A}, I believe.", "{A}, by the look of it.", "I'd say {a}.", "{A}, from what I can see.", "{A}, I think.",
+    "I'd go with {a}.", "{A}, as far as I can tell.", "{A}, judging from the picture.",
+]  # fmt: skip
+PLACE = [
+    "{A}.", "{A}, from what I can see.", "{A}, by the look of it.", "{A}, it looks like.", "I'd say {a}.",
+    "{A}, as far as I can tell.", "{A}, judging from the picture.",
 ]  # fmt: skip
 DOING = [
-    "{A}.", "Looks like {a}.", "{A}, from what I can see.", "It seems to be {a}.", "I'd say {a}.", "{A}, it looks like.",
-    "{A}, by the look of it.", "From what I can see, {a}.", "{A}, as far as I can tell.", "Mostly {a}.",
+    "{A}.", "Looks like {a}.", "{A}, from what I can see.", "I'd say {a}.", "{A}, it looks like.",
+    "{A}, by the look of it.", "{A}, as far as I can tell.",
 ]  # fmt: skip
 WHY = [
-    "{A}.",
-    "Probably {a}.",
-    "Most likely {a}.",
-    "I'd guess {a}.",
-    "My guess is {a}.",
-    "Likely {a}.",
-    "{A}, I'd say.",
-]
-HEDGED = [
-    "Probably {a}.", "I think {a}.", "Most likely {a}.", "It's hard to say for sure, but probably {a}.",
-    "Possibly {a}.", "It might be {a}.", "I'm not certain, but I'd say {a}.",
+    "{A}, most likely.", "{A}, I'd guess.", "{A}, I'd say.", "{A}, probably.", "{A}, I think.", "My best guess: {a}.",
+    "{A}, by the look of it.",
 ]  # fmt: skip
+# "What is the man doing?" "surfing" / "Where is the cat?" "on the couch": the question's own subject and verb,
+# then the answer ("The man is surfing.").
+ECHO = [
+    "{SUBJ} {be} {a}.", "{SUBJ} {be} {a}, from what I can see.", "It looks like {subj} {be} {a}.",
+    "I'd say {subj} {be} {a}.", "From what I can see, {subj} {be} {a}.", "{SUBJ} {be} {a}, by the look of it.",
+]  # fmt: skip
+ECHO_HEDGED = [
+    "I think {subj} {be} {a}.", "{SUBJ} {be} probably {a}.", "It's hard to tell, but {subj} {be} probably {a}.",
+    "{SUBJ} {be} {a}, I think.",
+]  # fmt: skip
+HEDGED = [
+    "{A}, probably.", "{A}, I think.", "{A}, I'd guess.", "{A}, most likely.",
+    "It's hard to say for sure, but I'd go with {a}.", "{A}, maybe.", "I'm not certain, but I'd say {a}.",
+]  # fmt: skip
+# Yes/no questions that a short answer can echo ("Is there a dog?" "Yes, there is."): question start -> the
+# (yes, no) answer's subject and verb. "is this a/an" only: in "Is this man happy?" "it" would be wrong.
+YES_NO_ECHO = {
+    "is there": ("there is", "there isn't"), "are there": ("there are", "there aren't"), "is it": ("it is", "it isn't"),
+    "is this a": ("it is", "it isn't"), "is this an": ("it is", "it isn't"), "is that a": ("it is", "it isn't"),
+    "is that an": ("it is", "it isn't"), "are they": ("they are", "they aren't"),
+    "are these": ("they are", "they aren't"), "are those": ("they are", "they aren't"),
+    "does it": ("it does", "it doesn't"), "do they": ("they do", "they don't"), "can you see": ("I can", "I can't"),
+    "do you see": ("I do", "I don't"),
+}  # fmt: skip
+YES_ECHO = [
+    "Yes, {echo}.", "Yep, {echo}.", "Yes, {echo}, from what I can see.", "Yes, {echo}, clearly.",
+    "Yes, {echo}, as far as I can tell.", "That's right, {echo}.", "Yes, {echo}, I'm fairly sure.",
+]  # fmt: skip
+NO_ECHO = [
+    "No, {echo}.", "Nope, {echo}.", "No, {echo}, from what I can see.", "No, {echo}, as far as I can tell.",
+    "No, I'm afraid {echo}.", "No, {echo}, I'm fairly sure.",
+]  # fmt: skip
+YES_NO_ECHO_RATE = 0.35  # the rest use the general YES / NO pools
+# Singular -> plural wording, for colour/brand/text questions about several things ("What color are the walls?"
+# "They're white."); the templates above are written in the singular.
+PLURAL_WORDING = [
+    ("It's", "They're"), ("it's", "they're"), ("It looks", "They look"), ("It appears", "They appear"),
+    ("call it", "call them"), ("It says", "They say"), ("it says", "they say"), ("It reads", "They read"),
+    ("It seems", "They seem"), ("It might", "They might"),
+]  # fmt: skip
+# Answers to "where" that can follow "The man is ..." ("outside", "on the couch"); a bare place ("beach") cannot.
+PLACE_WORDS = {
+    "in", "on", "at", "under", "behind", "near", "next", "beside", "by", "inside", "outside", "above", "below",
+    "over", "between", "across", "along", "around", "underneath", "beneath", "outdoors", "indoors", "upstairs",
+    "downstairs", "home", "there", "here", "nearby", "everywhere", "nowhere", "atop",
+}  # fmt: skip
 WHY_FOLLOW_UP = [
     "Why do you say that?", "What makes you think so?", "How can you tell?", "Why is that?", "What gives it away?",
     "How do you know?", "What's the reasoning?", "Why do you think that is?", "Can you explain?", "What tells you that?",
@@ -145,7 +224,22 @@ _SENTENCE = re.compile(
     r"walks|runs|flies|waits|carries|wears|contains|sit|stand|ride|eat|play|walk|run|fly|wait|carry|wear)\b",
     re.IGNORECASE,
 )
-_COLOUR_Q, _DOING_Q, _WORDS = re.compile(r"what colou?r"), re.compile(r"\bdoing\b"), re.compile(r"[a-z]+")
+_WORDS = re.compile(r"[a-z]+")
+# Question kinds (matched on the lower-cased question), each answered from its own pool; see `classify`.
+_COLOUR_Q = re.compile(r"^(what|which) colou?rs?\b")
+_SAYS_Q = re.compile(r"^(what|which)\b.*\b(say|says|read|reads|written|spell|spells)\b|^what (word|words|letters?)\b")
+_TIME_Q = re.compile(r"^what (time|year|month|day|season|decade|century)\b|\btime of (the )?(day|year)\b")
+_BRAND_Q = re.compile(r"^(what|which)\b.*\b(brand|company|make|manufacturer|airline|logo)\b")
+_SPORT_Q = re.compile(r"^(what|which) (sport|game)s?\b|^(what|which)\b.*\bsport\b")
+_KIND_Q = re.compile(r"^(what|which) (kinds?|types?|breed|species|style|sort|flavou?r|variety|model)\b")
+_DOING_Q = re.compile(r"\bdoing\b")
+# Questions whose subject a reply can repeat: "What is the man in red doing?", "Where is the cat?" (a determiner and
+# one word, or a pronoun: "Where is the cat sitting?" is not "the cat sitting is ...").
+_DOING_ECHO_Q = re.compile(r"^what (is|are|was|were) (.+) doing\??$", re.IGNORECASE)
+_WHERE_ECHO_Q = re.compile(
+    r"^where (is|are|was|were) ((?:the|this|that|these|those) [a-z']+|he|she|it|they|this|that|these|those)\??$",
+    re.IGNORECASE,
+)
 _AUX = (
     "is",
     "are",
@@ -167,8 +261,23 @@ _LOWERABLE = set(_AUX) | {"what", "which", "who", "whose", "where", "when", "why
 
 
 def lower_first(text: str) -> str:
-    """'A man riding' -> 'a man riding' (not 'TV' -> 'tV')."""
+    """'Is it raining?' -> 'is it raining?' (not 'TV' -> 'tV'): for questions after a lead-in."""
     return text[:1].lower() + text[1:] if text[1:2].islower() or len(text) == 1 else text
+
+
+_FIRST_WORD = re.compile(r"[A-Za-z]+(?=[\s,;:']|$)")  # a whole word: "A-frame" and "A. Lincoln" are left alone
+
+
+def mid_sentence(text: str) -> str:
+    """Annotator text placed after other words: 'A living room' -> 'a living room', 'The man' -> 'the man'. Only a
+    closed-class first word is lowered: 'Obama', 'NASA', 'TV' or any other word may be a name and keeps its case."""
+    match = _FIRST_WORD.match(text)
+    if match is None:
+        return text
+    word = match.group(0)
+    if word != "I" and word.lower() in CLOSED_CLASS_WORDS and (len(word) == 1 or word[1:].islower()):
+        return word.lower() + text[len(word) :]
+    return text
 
 
 def upper_first(text: str) -> str:
@@ -185,13 +294,26 @@ def as_sentence(text: str) -> str:
     return text if text[-1:] in ".!?。！？" else text + "."
 
 
+def splice(template: str, **texts: str) -> str:
+    """Fill a template with annotator text (a caption, an answer, a rationale): `{x}` where it follows other words
+    (see `mid_sentence`), `{X}` where it starts the sentence ("{NP}." -> "A living room with a TV.")."""
+    fields = {}
+    for name, text in texts.items():
+        fields[name], fields[name.upper()] = mid_sentence(text), upper_first(text)
+    return template.format(**fields)
+
+
 @dataclass
 class AnswerKind:
-    kind: str  # yes | no | nothing | how_many | number | colour | doing | what | why | other | verbatim
+    # yes | no | nothing | how_many | number | time | colour | says | brand | sport | who | why | kind | place |
+    # doing | what | other | verbatim
+    kind: str
     value: str
 
 
 def classify(qa: QA) -> AnswerKind:
+    """The kind of answer a question gets, which decides how it is phrased ("What does the sign say?" "stop" ->
+    'It says "stop".')."""
     answer = qa.answer.strip().rstrip(".")
     norm = normalize_answer(answer)
     q = qa.question.strip().lower()
@@ -203,19 +325,70 @@ def classify(qa: QA) -> AnswerKind:
     is_number = norm.isascii() and norm.isdigit() and (counting or (answer.isascii() and answer.isdigit()))
     if qa.sources[0] == "visdial" and not is_number:
         return AnswerKind("verbatim", answer)  # a person's own conversational answer: used as written
-    if is_number:
+    if is_number and not _TIME_Q.search(q):  # "What year is it?" "2010" is a time, not "The number is 2010."
         return AnswerKind("how_many" if counting else "number", norm)
     if answer.lower() in ("none", "nothing"):
         return AnswerKind("nothing", answer)
-    if _COLOUR_Q.match(q):
-        return AnswerKind("colour", answer)
-    if _DOING_Q.search(q):
-        return AnswerKind("doing", answer)
-    if q.startswith(("what", "which", "who", "whose")):
-        return AnswerKind("what", answer)
-    if q.startswith("why"):
-        return AnswerKind("why", answer)
+    checks = [
+        ("why", q.startswith("why")), ("who", q.startswith(("who", "whom", "whose"))), ("colour", _COLOUR_Q.match(q)),
+        ("says", _SAYS_Q.search(q)), ("time", _TIME_Q.search(q)), ("brand", _BRAND_Q.search(q)),
+        ("sport", _SPORT_Q.search(q)), ("kind", _KIND_Q.match(q)), ("place", q.startswith("where")),
+        ("doing", _DOING_Q.search(q)), ("what", q.startswith(("what", "which"))),
+    ]  # fmt: skip
+    for kind, matched in checks:  # the first that matches: "What sport is he doing?" is a sport question
+        if matched:
+            return AnswerKind(kind, answer)
     return AnswerKind("other", answer)
+
+
+def yes_no_echo(question: str, polarity: str) -> str | None:
+    """'Is there a dog?' -> 'there is' / "there isn't", for "Yes, there is."; None when the question has no such
+    short answer in YES_NO_ECHO."""
+    words = " ".join(_WORDS.findall(question.lower())) + " "
+    for start, (yes, no) in YES_NO_ECHO.items():
+        if words.startswith(start + " "):
+            return yes if polarity == "yes" else no
+    return None
+
+
+def echo_subject(qa: QA, kind: str) -> tuple[str, str] | None:
+    """(subject, verb) of "What is the man doing?" or "Where is the cat?" when the answer can follow them
+    ("surfing" -> "The man is surfing."; "outside" -> "The cat is outside."); None otherwise ("beach" cannot)."""
+    first = qa.answer.strip().lower().split(" ", 1)[0]
+    if kind == "doing":
+        match, fits = _DOING_ECHO_Q.match(qa.question.strip()), first.endswith("ing")
+    elif kind == "place":
+        match, fits = _WHERE_ECHO_Q.match(qa.question.strip()), first in PLACE_WORDS
+    else:
+        return None
+    if match is None or not fits:
+        return None
+    verb, subject = match.group(1).lower(), match.group(2)
+    if subject.lower() in ("you", "i", "we") or len(subject.split()) > 6:
+        return None  # "What are you doing?": the reply would need another subject
+    if kind == "place" and subject.split()[-1].lower().endswith(("ing", "ed", "en")):
+        return None  # "Where is this taken?", "Where is the cat sitting?": a verb, not the subject's noun
+    return subject, verb
+
+
+def about_several(question: str) -> bool:
+    """'What color are the walls?' / 'What do the signs say?': is the question about several things? The first
+    auxiliary verb decides, unless a pronoun after it is the subject of another verb ("What color shirt are they
+    wearing?" asks about one shirt)."""
+    words = _WORDS.findall(question.lower())
+    for i, word in enumerate(words):
+        if word in ("is", "was", "does", "did", "has"):
+            return False
+        if word in ("are", "were", "have", "do"):
+            return not (words[i + 1 : i + 2] in (["they"], ["you"], ["we"], ["i"]) and len(words) > i + 2)
+    return False
+
+
+def plural(template: str) -> str:
+    """'It's {a}.' -> "They're {a}." (PLURAL_WORDING)."""
+    for singular, several in PLURAL_WORDING:
+        template = template.replace(singular, several)
+    return template
 
 
 class TemplateGenerator:
@@ -261,9 +434,9 @@ class TemplateGenerator:
             if sentence_pool is None:
                 return as_sentence(text)  # already a sentence: the annotator's own words
             template = self._pick(rng, f"{slot}_sentence", sentence_pool, patterns)
-            return template.format(s=lower_first(as_sentence(text)), S=as_sentence(text))
+            return splice(template, s=as_sentence(text))
         template = self._pick(rng, slot, np_pool, patterns)
-        return template.format(np=lower_first(text), NP=upper_first(text))
+        return splice(template, np=text)
 
     # 2. questions and answers ---------------------------------------------------------------------------------
     def ask(self, question: str, first: bool, rng: random.Random, patterns: set[str]) -> str:
@@ -280,6 +453,10 @@ class TemplateGenerator:
         kind = classify(qa)
         hedge = qa.agreement is not None and qa.agreement < 0.6
         if kind.kind in ("yes", "no"):
+            echo = yes_no_echo(qa.question, kind.kind)
+            if echo and not hedge and rng.random() < YES_NO_ECHO_RATE:  # "Is there a dog?" "Yes, there is."
+                pool = YES_ECHO if kind.kind == "yes" else NO_ECHO
+                return self._pick(rng, f"{kind.kind}_echo", pool, patterns).format(echo=echo)
             pool = {"yes": YES_HEDGED if hedge else YES, "no": NO_HEDGED if hedge else NO}[kind.kind]
             return self._pick(rng, f"{kind.kind}{'_hedged' if hedge else ''}", pool, patterns)
         if kind.kind == "verbatim":
@@ -293,17 +470,28 @@ class TemplateGenerator:
             spelled = NUMBER_WORDS[n] if n <= 10 and rng.random() < 0.5 else str(n)
             template = self._pick(rng, kind.kind, HOW_MANY if kind.kind == "how_many" else NUMBER, patterns)
             return template.format(n=spelled, N=upper_first(spelled))
-        pools = {"colour": COLOUR, "doing": DOING, "what": WHAT, "why": WHY, "other": OTHER}
-        pool, slot = pools[kind.kind], kind.kind
-        if hedge:
-            pool, slot = HEDGED, "hedged"
+        hedged = "_hedged" if hedge else ""
+        echo = echo_subject(qa, kind.kind)
+        if echo:  # "What is the man doing?" "surfing" -> "The man is surfing."
+            subject, verb = echo
+            template = self._pick(rng, f"{kind.kind}_echo{hedged}", ECHO_HEDGED if hedge else ECHO, patterns)
+            return splice(template, a=kind.value, subj=subject, be=verb)
+        if kind.kind == "says":  # the words in quotes, exactly as written
+            template = self._pick(rng, f"says{hedged}", SAYS_HEDGED if hedge else SAYS, patterns)
+            return (plural(template) if about_several(qa.question) else template).format(a=kind.value)
+        pools = {
+            "time": TIME, "colour": COLOUR, "brand": BRAND, "sport": SPORT, "who": WHO, "why": WHY, "kind": KIND,
+            "place": PLACE, "doing": DOING, "what": WHAT, "other": OTHER,
+        }  # fmt: skip
+        pool, slot = (HEDGED, "hedged") if hedge else (pools[kind.kind], kind.kind)
         template = self._pick(rng, slot, pool, patterns)
-        return template.format(a=lower_first(kind.value), A=upper_first(kind.value))
+        if slot in ("colour", "brand") and about_several(qa.question):  # "What color are the walls?" "They're white."
+            template = plural(template)
+        return splice(template, a=kind.value)
 
     def explain(self, rationale: str, rng: random.Random, patterns: set[str]) -> str:
         template = self._pick(rng, "rationale", RATIONALE, patterns)
-        text = rationale.strip()
-        return template.format(R=as_sentence(text), r=lower_first(as_sentence(text)))
+        return splice(template, r=as_sentence(rationale.strip()))
 
     # the whole dialogue ---------------------------------------------------------------------------------------
     def select(self, record: ImageRecord, rng: random.Random) -> list[QA]:

@@ -1,12 +1,25 @@
+import random
+import re
 from collections import Counter
+
+import pytest
 
 from unimm_chat.build import phrasing_stats
 from unimm_chat.config import SourcesConfig
 from unimm_chat.conversations import IMAGE_TOKEN
 from unimm_chat.sources import QA, ImageRecord, ReadStats, merge_sources
 from unimm_chat.synthetic import write_annotations
-from unimm_chat.template import TemplateGenerator, classify
-from unimm_chat.validate import validate
+from unimm_chat.template import (
+    DESCRIBE_NP,
+    EXTRA_NP,
+    EXTRA_SENTENCE,
+    RATIONALE,
+    TemplateGenerator,
+    classify,
+    mid_sentence,
+    splice,
+)
+from unimm_chat.validate import answer_agrees, validate
 
 
 def record(**kwargs):
@@ -86,7 +99,16 @@ def test_answer_kinds():
     assert classify(QA("What colour is the bus?", "red", ["vqav2"])).kind == "colour"
     assert classify(QA("What is the man doing?", "surfing", ["vqav2"])).kind == "doing"
     assert classify(QA("Why is he wet?", "rain", ["okvqa"])).kind == "why"
-    assert classify(QA("Where is he?", "beach", ["vqav2"])).kind == "other"
+    assert classify(QA("Where is he?", "beach", ["vqav2"])).kind == "place"
+    assert classify(QA("What does the sign say?", "stop", ["vqav2"])).kind == "says"
+    assert classify(QA("What is written on the bus?", "downtown", ["vqav2"])).kind == "says"
+    assert classify(QA("What brand is the laptop?", "dell", ["vqav2"])).kind == "brand"
+    assert classify(QA("What time of day is it?", "afternoon", ["vqav2"])).kind == "time"
+    assert classify(QA("What year is it?", "2010", ["vqav2"])).kind == "time"  # digits, but not "The number is"
+    assert classify(QA("What sport is the man doing?", "surfing", ["okvqa"])).kind == "sport"
+    assert classify(QA("Who is holding the umbrella?", "woman", ["vqav2"])).kind == "who"
+    assert classify(QA("What kind of dog is this?", "labrador", ["vqav2"])).kind == "kind"
+    assert classify(QA("Is it a cat or a dog?", "dog", ["vqav2"])).kind == "other"
 
 
 def test_no_phrasing_pattern_in_more_than_a_fifth_of_dialogues(tmp_path):
@@ -111,3 +133,145 @@ def test_non_english_captions_pass_through_untouched():
     )
     conv, _ = TemplateGenerator().generate(rec)
     assert conv.messages[1].content == "一只猫坐在垫子上。"
+
+
+# Captions as written -> how they must read after other words: only a closed-class first word ("A", "The") is
+# lowered; a proper noun or an acronym never is. At the start of a sentence every caption keeps its capital.
+NP_CAPTIONS = {
+    "A living room with a television": "a living room with a television",
+    "The man giving a speech at a podium": "the man giving a speech at a podium",
+    "Obama giving a speech at a podium": "Obama giving a speech at a podium",
+    "NASA rocket on the launch pad": "NASA rocket on the launch pad",
+    "TV on a wooden stand": "TV on a wooden stand",
+}
+SENTENCE_CAPTIONS = {
+    "A man is giving a speech at a podium.": "a man is giving a speech at a podium.",
+    "The crowd is watching the speaker.": "the crowd is watching the speaker.",
+    "Obama is giving a speech at a podium.": "Obama is giving a speech at a podium.",
+    "NASA's rocket stands on the launch pad.": "NASA's rocket stands on the launch pad.",
+    "TV sits on a wooden stand.": "TV sits on a wooden stand.",
+}
+
+
+def spliced(text, caption):
+    """(at the start of a sentence?, as written) for each place `caption` appears in `text`, in any case."""
+    return [
+        (m.start() == 0 or text[: m.start()].endswith((". ", "? ", "! ")), m.group(0))
+        for m in re.finditer(re.escape(caption), text, re.IGNORECASE)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pool", "field", "captions"),
+    [
+        (DESCRIBE_NP, "np", NP_CAPTIONS),
+        (EXTRA_NP, "np", NP_CAPTIONS),
+        (EXTRA_SENTENCE, "s", SENTENCE_CAPTIONS),
+        (RATIONALE, "r", SENTENCE_CAPTIONS),
+    ],
+)
+def test_every_caption_template_lowers_only_closed_class_words(pool, field, captions):
+    for template in pool:
+        for caption, mid in captions.items():
+            text = splice(template, **{field: caption})
+            [(at_start, written)] = spliced(text, caption)
+            assert written == (caption if at_start else mid), (template, text)
+            assert at_start == template.startswith("{"), (template, text)
+            assert text[0].isupper(), text
+
+
+def test_closed_class_words_only_as_whole_words():
+    assert mid_sentence("It's a dog") == "it's a dog" and mid_sentence("Two cats on a couch") == "two cats on a couch"
+    for unchanged in ("I think so", "US flag on a pole", "A-frame house", "London bus", "View of a beach", "iPhone"):
+        assert mid_sentence(unchanged) == unchanged
+
+
+def test_generated_descriptions_keep_names_and_lower_articles():
+    """The generator's own descriptions, every caption both as the main one and as an extra, over many seeds."""
+    seen = Counter()
+    for caption, mid in NP_CAPTIONS.items():
+        as_main = [caption, "Flags"]  # too short to be an extra: only the caption is described
+        as_extra = ["Several people with cameras and microphones crowd around outside today", caption]
+        for captions in (as_main, as_extra):
+            for seed in range(30):
+                conv, _ = TemplateGenerator(seed=seed).generate(record(image_id=seed, captions=captions))
+                for at_start, written in spliced(conv.messages[1].content, caption):
+                    assert written == (caption if at_start else mid), conv.messages[1].content
+                    seen[at_start] += 1
+    assert seen[True] and seen[False]  # both positions were checked
+
+
+def reply(question, answer, agreement=1.0, seed=0):
+    qa = QA(question, answer, ["vqav2"], agreement, "other", [answer])
+    patterns = set()
+    text = TemplateGenerator().answer(qa, random.Random(seed), patterns)
+    assert answer_agrees(text, qa), text  # the validator's check against the ground truth
+    return text, patterns
+
+
+@pytest.mark.parametrize("agreement", [1.0, 0.5])
+def test_what_a_sign_says_is_quoted(agreement):
+    for seed in range(40):
+        text, patterns = reply("What does the sign say?", "stop", agreement, seed)
+        assert re.search(r'\b(say|says|read|reads|probably) "stop"', text, re.IGNORECASE), text
+        assert ("hedged" in " ".join(patterns)) == (agreement < 0.6)
+    several, _ = reply("What do the signs say?", "one way", seed=0)
+    assert '"one way"' in several and "It says" not in several
+
+
+def glued(answer):
+    """A bare VQA fragment glued into a frame that needs an article or a clause: "Likely stop sign.", "It's frisbee."."""
+    frames = r"likely|probably|most likely|it's|it looks like|looks like|that would be|that looks like|it might be"
+    return lambda text: not re.match(rf"({frames}) {answer}", text, re.IGNORECASE)
+
+
+@pytest.mark.parametrize(
+    ("question", "answer", "fits"),
+    [
+        ("What is the man doing?", "surfing", lambda t: re.search(r"the man is (probably )?surfing", t, re.I)),
+        ("What are the kids doing?", "playing soccer", lambda t: re.search(r"kids are (probably )?playing", t, re.I)),
+        ("Where are the people?", "outside", lambda t: re.search(r"the people are (probably )?outside", t, re.I)),
+        ("What color are the flowers?", "yellow", lambda t: not re.search(r"(it's|it|call it) yellow", t, re.I)),
+        ("What color is the bus?", "red", lambda t: not re.search(r"they", t, re.I)),
+        ("Why did the car stop?", "stop sign", glued("stop sign")),
+        ("What is the man holding?", "frisbee", glued("frisbee")),
+        ("Where is the cat?", "beach", glued("beach")),
+        ("Who is holding the umbrella?", "woman", glued("woman")),
+        ("What kind of dog is this?", "labrador", glued("labrador")),
+        ("What sport is the man doing?", "surfing", lambda t: "man is" not in t),  # a sport, not what he is doing
+    ],
+)
+def test_answers_are_phrased_for_the_question(question, answer, fits):
+    for agreement in (1.0, 0.5):
+        for seed in range(40):
+            text, _ = reply(question, answer, agreement, seed)
+            assert fits(text), text
+
+
+def test_yes_no_answers_can_echo_the_question():
+    replies = {
+        reply("Is there a dog in the picture?", truth, seed=seed)[0] for truth in ("yes", "no") for seed in range(60)
+    }
+    assert any(r.startswith("Yes, there is") for r in replies) and any("there isn't" in r for r in replies)
+    assert not any("it is" in reply("Is this man happy?", "yes", seed=seed)[0] for seed in range(60))
+
+
+def test_question_fitted_dialogues_pass_validation():
+    qas = [
+        QA("What does the sign say?", "stop", ["vqav2"], 0.9, "other", ["stop"]),
+        QA("What color are the flowers?", "yellow", ["vqav2"], 0.8, "other", ["yellow"]),
+        QA("What is the man doing?", "riding bike", ["vqav2"], 0.5, "other", ["riding bike", "biking"]),
+        QA("Where is the man?", "outside", ["vqav2"], 1.0, "other", ["outside"]),
+        QA("Why did the car stop?", "stop sign", ["vqav2"], 0.7, "other", ["stop sign"]),
+        QA("What brand is the car?", "toyota", ["vqav2"], 0.9, "other", ["toyota"]),
+        QA("Is there a dog in the picture?", "no", ["vqav2"], 1.0, "yes/no", ["no"]),
+        QA("What time of day is it?", "morning", ["vqav2"], 0.6, "other", ["morning"]),
+        QA("What kind of tree is this?", "palm", ["vqav2"], 0.9, "other", ["palm"]),
+    ]
+    rec = record(captions=["A stop sign on a street corner", "NASA rocket behind the palm trees"], qas=qas)
+    for seed in range(30):
+        conv, patterns = TemplateGenerator(seed=seed, max_turns=12).generate(rec)
+        assert validate(conv, rec, min_turns=2) is None, conv
+        sign = next(m.content for q, m in zip(conv.messages, conv.messages[1:]) if "the sign say" in q.content)
+        assert '"stop"' in sign
+        assert any(p.startswith("says:") for p in patterns)
