@@ -29,7 +29,8 @@ def expand_paths(pattern: str) -> list[str]:
     return paths
 
 
-# Every status a sample can end with. Stats files count each (as "successes" for success).
+# Every status a sample can end with. Stats files count each (as "successes" for success). A run with filter blocks
+# of its own (`filters.extra`) adds their `filtered_<reason>` statuses after these, in the order of the config.
 FAILURE_STATUSES = ("failed_to_read", "failed_to_download", "failed_to_decode", "failed_to_resize")
 FILTER_STATUSES = (
     "filtered_empty_caption",
@@ -93,12 +94,14 @@ def completed_shards(folder: str | Path) -> dict[int, dict]:
     return out
 
 
-def empty_counts() -> dict[str, int]:
-    return {"count": 0, "successes": 0, **{s: 0 for s in FAILURE_STATUSES + FILTER_STATUSES}}
+def empty_counts(extra_statuses: Sequence[str] = ()) -> dict[str, int]:
+    return {"count": 0, "successes": 0, **{s: 0 for s in (*FAILURE_STATUSES, *FILTER_STATUSES, *extra_statuses)}}
 
 
-def count_statuses(statuses: Sequence[str]) -> dict[str, int]:
-    counts = empty_counts()
+def count_statuses(statuses: Sequence[str], extra_statuses: Sequence[str] = ()) -> dict[str, int]:
+    """Stats-file counts: every status listed, zeros included, so totals add up; `extra_statuses` are those of the
+    run's own filter blocks."""
+    counts = empty_counts(extra_statuses)
     for status in statuses:
         counts["count"] += 1
         counts["successes" if status == "success" else status] += 1
@@ -119,6 +122,9 @@ def total_stats(folder: str | Path) -> dict[str, Any]:
             retry_shards += 1
             continue
         shards += 1
+        for name in stats:  # statuses of a run's own filter blocks, after the built-in ones
+            if name.startswith("filtered_") and name not in totals:
+                totals[name] = 0
         for name in totals:
             totals[name] += stats.get(name, 0)
         for message, n in stats.get("errors", {}).items():
@@ -133,7 +139,9 @@ def format_stats_table(totals: dict[str, Any]) -> str:
     """The summary printed after a run and by `mpm data stats`: every non-zero status, with failure causes."""
     count = totals.get("count", 0)
     rows = [("success", totals.get("successes", 0))]
-    rows += [(s, totals.get(s, 0)) for s in FAILURE_STATUSES + FILTER_STATUSES if totals.get(s, 0)]
+    known = (*FAILURE_STATUSES, *FILTER_STATUSES)
+    extra = [name for name in totals if name.startswith("filtered_") and name not in known]  # filters.extra blocks
+    rows += [(s, totals.get(s, 0)) for s in (*known, *extra) if totals.get(s, 0)]
     width = max(len(name) for name, _ in rows) + 2
     lines = [f"{'status':<{width}}{'samples':>10}{'share':>9}", "-" * (width + 19)]
     for name, n in rows:

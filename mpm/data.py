@@ -175,10 +175,17 @@ class LengthGroupedSampler(Sampler[list[int]]):
         return len(self.lengths) // (self.batch_size * self.world)
 
 
-def collate(processor: MPMProcessor, items: list[Encoded | Skipped]) -> dict:
-    """A padded batch of the usable items, and the list of skipped ones (for the metrics)."""
+def collate(processor: MPMProcessor, items: list[Encoded | Skipped], pack_length: int | None = None) -> dict:
+    """A batch of the usable items (padded, or packed several per row when `pack_length` is given), and the list
+    of skipped ones (for the metrics)."""
     usable = [x for x in items if isinstance(x, Encoded)]
-    batch = processor.collate(usable) if usable else {}
+    if not usable:
+        batch = {}
+    elif pack_length:
+        batch = processor.collate_packed(usable, pack_length)
+    else:
+        batch = processor.collate(usable)
+    batch["samples"] = len(usable)
     batch["skipped"] = [x for x in items if isinstance(x, Skipped)]
     batch["passed"] = sum(isinstance(x, Passed) for x in items)
     return batch

@@ -11,19 +11,27 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+import transformers
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+from mpm.connectors import connector_class
 from mpm.core.errors import ExportError, ModelLoadError
 from mpm.inference import load_model
 from mpm.modeling import MPMForConditionalGeneration
 from mpm.processor import PLAIN_CHAT_TEMPLATE
 
+# transformers 5 names the PIL-backed class CLIPImageProcessorPil (CLIPImageProcessor uses torchvision when present);
+# in 4.x CLIPImageProcessor is the PIL one.
+PIL_IMAGE_PROCESSOR = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
 
 def llava_config(model: MPMForConditionalGeneration) -> LlavaConfig:
     cfg = model.config
     reasons = []
-    if cfg.connector_type != "mlp":
+    if not connector_class(cfg.connector_type).exports_to_llava:
         reasons.append(f"its connector is {cfg.connector_type!r} (LLaVA's projector is the 'mlp' connector)")
+    if cfg.delimit_images:
+        reasons.append("it wraps each image in delimiter tokens (LLaVA's layout is the placeholders alone)")
     if cfg.use_slicing:
         reasons.append("it slices images (LLaVA feeds one fixed-size image)")
     if cfg.vision_kind != "vit":
@@ -90,7 +98,9 @@ def export_llava(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     out = Path(out_dir)
     llava.save_pretrained(out)
     cfg = model.config
-    image_processor = CLIPImageProcessor(
+    # The PIL image processor: MPM's processor resizes with PIL (bicubic), and so gives the same pixels; the
+    # torchvision one resizes tensors and differs by a few levels (benchmarks/gpu_i2t.sh measures it).
+    image_processor = PIL_IMAGE_PROCESSOR(
         size={"height": cfg.image_size, "width": cfg.image_size},
         do_center_crop=False,
         image_mean=cfg.image_mean,

@@ -13,7 +13,7 @@ from PIL import Image
 from mpm.core.errors import ModelLoadError
 from mpm.core.images import open_image
 from mpm.modeling import MPMForConditionalGeneration
-from mpm.processor import MPMProcessor
+from mpm.processor import PLAIN_CHAT_TEMPLATE, MPMProcessor, end_of_turn_ids
 
 
 def load_model(path: str | os.PathLike, device: str = "auto", dtype=None, trust_remote_code: bool = False):
@@ -32,11 +32,23 @@ def load_model(path: str | os.PathLike, device: str = "auto", dtype=None, trust_
 
         model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype or "auto")
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        processor.image_processor = pil_image_processor(path)
     else:
         raise ModelLoadError(
             f"{path} holds a {model_type!r} model, not an MPM ('mpm') or LLaVA ('llava') image-to-text checkpoint"
         )
     return model.to(device).eval(), processor
+
+
+def pil_image_processor(path):
+    """The checkpoint's image processor with the PIL backend: the pixels MPM's processor gives (transformers 5
+    picks the torchvision backend when torchvision is installed, whatever the saved file says)."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return AutoImageProcessor.from_pretrained(path, backend="pil")
+    return AutoImageProcessor.from_pretrained(path, use_fast=False)
 
 
 @dataclass
@@ -49,16 +61,17 @@ class Request:
     prompt: str | None = None
 
 
-def stop_tokens(model, tokenizer) -> list[int]:
-    """Generation ends at the LLM's own end tokens (a list for Llama-3 or Gemma) and at the tokenizer's eos."""
-    if isinstance(model, MPMForConditionalGeneration):
-        eos = model.language_model.generation_config.eos_token_id
-    else:
-        eos = model.generation_config.eos_token_id
+def stop_tokens(model, processor) -> list[int]:
+    """Generation ends at the LLM's own end tokens (a list for Llama-3 or Gemma), at the tokenizer's eos, and at
+    the token that closes an assistant turn in the chat template (a base checkpoint's eos is <|endoftext|> while
+    its template closes turns with <|im_end|>; checkpoints saved before this was recorded still stop there)."""
+    config = model.language_model.generation_config if isinstance(model, MPMForConditionalGeneration) else None
+    eos = (config or model.generation_config).eos_token_id
     ids = [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
+    tokenizer = processor.tokenizer
+    template = tokenizer.chat_template or getattr(processor, "chat_template", None) or PLAIN_CHAT_TEMPLATE
+    extra = [tokenizer.eos_token_id, *end_of_turn_ids(tokenizer, template)]
+    return ids + [i for i in dict.fromkeys(extra) if i is not None and i not in ids]
 
 
 @torch.no_grad()
@@ -82,7 +95,7 @@ def generate(
                 f"request {i} must have either `messages` or `prompt`, not {'both' if r.prompt else 'neither'}"
             )
     sampling = {"do_sample": do_sample, **({"temperature": temperature, "top_p": top_p} if do_sample else {})}
-    sampling["eos_token_id"] = stop_tokens(model, processor.tokenizer)
+    sampling["eos_token_id"] = stop_tokens(model, processor)
     answers: list[str] = []
     device = next(model.parameters()).device
     for start in range(0, len(requests), batch_size):
@@ -109,16 +122,21 @@ def generate(
         else:  # a LLaVA checkpoint with its own processor
             tokenizer = processor.tokenizer
             tokenizer.padding_side = "left"
+            # A chat template writes its own special tokens (BOS included); a raw prompt gets the tokenizer's, as
+            # when tokenized alone, even when it shares the batch with templated requests.
             texts = [
                 r.prompt
                 if r.prompt is not None
                 else processor.apply_chat_template(r.messages, add_generation_prompt=True)
                 for r in batch
             ]
+            bos = tokenizer.bos_token if tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id] else None
+            texts = [
+                bos + t if r.prompt is not None and bos and not t.startswith(bos) else t for r, t in zip(batch, texts)
+            ]
             flat = [im for imgs in images for im in imgs]
-            templated = any(r.prompt is None for r in batch)  # a chat template already wrote BOS: do not add another
             inputs = processor(
-                images=flat or None, text=texts, return_tensors="pt", padding=True, add_special_tokens=not templated
+                images=flat or None, text=texts, return_tensors="pt", padding=True, add_special_tokens=False
             ).to(device)
             out = model.generate(
                 **inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling

@@ -17,8 +17,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Generation
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mpm.configuration import MPMConfig
-from mpm.connectors import BridgeConnector, MLPConnector, ResamplerConnector
-from mpm.vision import bridge_features, patch_features
+from mpm.connectors import Connector, connector_class
 
 
 class MPMForConditionalGeneration(PreTrainedModel):
@@ -34,6 +33,9 @@ class MPMForConditionalGeneration(PreTrainedModel):
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.connector = build_connector(config)
+        # The vision tower stops at the feature layer the connector reads (same features, less work); off only to
+        # measure the difference (train.efficiency.vision_early_exit).
+        self.vision_early_exit = True
         self.post_init()
         # post_init gathers the parts' no-split classes, some of which are not in this model (CLIPTextEmbeddings
         # for a CLIP vision tower); FSDP's auto wrap policy refuses class names it cannot find.
@@ -61,24 +63,10 @@ class MPMForConditionalGeneration(PreTrainedModel):
         for i, image in enumerate(images):
             groups[tuple(image.shape[-2:])].append(i)
         out: list[torch.Tensor | None] = [None] * len(images)
-        cfg = self.config
         dtype = next(self.vision_tower.parameters()).dtype
-        for (height, width), indices in groups.items():
+        for indices in groups.values():
             batch = torch.stack([images[i] for i in indices]).to(dtype)
-            if cfg.connector_type == "bridge":
-                queries = bridge_features(self.vision_tower, batch, self.connector.queries, cfg.vision_feature_layer)
-                tokens = self.connector(queries)
-            else:
-                feats = patch_features(
-                    self.vision_tower, batch, cfg.vision_feature_layer, cfg.vision_feature_select, cfg.vision_kind
-                )
-                if cfg.connector_type == "mlp":
-                    tokens = self.connector(feats)
-                else:
-                    grid = (height // cfg.patch_size, width // cfg.patch_size)
-                    if feats.shape[1] == grid[0] * grid[1] + 1:  # a CLS token ("full" selection): it has no grid place
-                        feats = feats[:, 1:]
-                    tokens = self.connector(list(feats.unbind(0)), [grid] * len(indices))
+            tokens = self.connector(self.vision_tower, batch, self.config, self.vision_early_exit)
             for i, t in zip(indices, tokens.unbind(0)):
                 out[i] = t
         return out
@@ -150,13 +138,8 @@ class MPMForConditionalGeneration(PreTrainedModel):
             self.vision_tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
 
 
-def build_connector(config: MPMConfig) -> nn.Module:
-    vision_dim, text_dim = config.vision_width, config.text_config.hidden_size
-    if config.connector_type == "mlp":
-        return MLPConnector(vision_dim, text_dim, config.connector_hidden_size)
-    if config.connector_type == "resampler":
-        return ResamplerConnector(vision_dim, text_dim, config.num_queries)
-    return BridgeConnector(vision_dim, text_dim, config.num_queries, config.connector_hidden_size)
+def build_connector(config: MPMConfig) -> Connector:
+    return connector_class(config.connector_type)(config)
 
 
 AutoConfig.register("mpm", MPMConfig)

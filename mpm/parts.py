@@ -7,6 +7,7 @@ from transformers import AutoConfig, AutoImageProcessor, PreTrainedConfig, PreTr
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from mpm.configuration import CLIP_MEAN, CLIP_STD, MPMConfig
+from mpm.connectors import connector_class
 from mpm.core.llm import load_llm
 from mpm.modeling import MPMForConditionalGeneration, build_connector
 from mpm.processor import MPMProcessor
@@ -56,11 +57,19 @@ def from_parts(
         vision: vision tower: a folder or hub id (CLIP, SigLIP, ResNet, ConvNeXt), a model, or a config.
         llm: causal LM: a folder or hub id, a model, or a config (then `tokenizer` is required).
         tokenizer: the LLM's tokenizer (an object or a folder); loaded from `llm` when it is a path.
-        connector_type: "mlp", "resampler" or "bridge"; other MPMConfig fields go in `config_kwargs`.
-    The image and slice tokens are added to the tokenizer and the LLM's embeddings resized (new rows get the mean
-    embedding). The pretrained weights are used as they are; only the connector is new. The whole model has one
-    dtype: `dtype`, else the LLM's.
+        connector_type: a registered connector ("mlp", "resampler", "bridge", ...); other MPMConfig fields go in
+            `config_kwargs`.
+    The image and slice tokens (and, unless the layout is LLaVA's, the image delimiters) are added to the tokenizer
+    and the LLM's embeddings resized (new rows get the mean embedding). The pretrained weights are used as they
+    are; only the connector is new. The whole model has one dtype: `dtype`, else the LLM's. The token that closes
+    an assistant turn in the chat template becomes a stop token of the saved generation config.
     """
+    connector = connector_class(connector_type)  # a misspelt name fails before any weight loads
+    # Several images in one message are delimited, except in the plain LLaVA layout (an mlp model without
+    # slicing), which `mpm export llava` must reproduce exactly.
+    config_kwargs.setdefault(
+        "delimit_images", not (connector.exports_to_llava and not config_kwargs.get("use_slicing", False))
+    )
     vision_model, mean, std = load_vision(vision, dtype, trust_remote_code)
     lm, tok = load_llm(llm, tokenizer, dtype, trust_remote_code)
     # One dtype for the whole model: the one asked for, else the LLM's (parts are often stored in different ones,
@@ -68,9 +77,10 @@ def from_parts(
     if isinstance(dtype, torch.dtype):
         lm.to(dtype)  # a model or config object given as the LLM was not loaded in it
     vision_model.to(next(lm.parameters()).dtype)
-    tokens = [
-        config_kwargs.get(k, getattr(MPMConfig, k)) for k in ("image_token", "slice_start_token", "slice_end_token")
-    ]
+    names = ["image_token", "slice_start_token", "slice_end_token"]
+    if config_kwargs["delimit_images"]:
+        names += ["image_start_token", "image_end_token"]
+    tokens = [config_kwargs.get(k, getattr(MPMConfig, k)) for k in names]
     known = len(tok)
     tok.add_tokens(tokens, special_tokens=True)
     if lm.get_input_embeddings().weight.shape[0] < len(tok):  # new rows get the mean embedding
@@ -81,21 +91,30 @@ def from_parts(
         vision_config=vision_model.config,
         text_config=lm.config,
         connector_type=connector_type,
-        image_token_id=tok.convert_tokens_to_ids(tokens[0]),
-        slice_start_token_id=tok.convert_tokens_to_ids(tokens[1]),
-        slice_end_token_id=tok.convert_tokens_to_ids(tokens[2]),
+        **{f"{name}_id": tok.convert_tokens_to_ids(token) for name, token in zip(names, tokens)},
         image_mean=config_kwargs.pop("image_mean", mean),
         image_std=config_kwargs.pop("image_std", std),
         **config_kwargs,
     )
     if config.vision_kind == "conv" and config.patch_size is None:
-        config.patch_size = probe_patch_size(vision_model, config.image_size, config.vision_feature_layer, "conv")
+        config.patch_size = probe_patch_size(vision_model, config.image_size, config.vision_feature_layer)
     with torch.device("meta"):  # the skeleton only: the real towers are put in below, never initialised twice
         model = MPMForConditionalGeneration(config)
     model.vision_tower = vision_model
     model.language_model = lm
     model.connector = build_connector(config).to(next(lm.parameters()).dtype)
-    return model, MPMProcessor(tok, config)
+    model.connector.init_from_tower(vision_model)
+    processor = MPMProcessor(tok, config)
+    add_stop_tokens(lm.generation_config, processor.end_of_turn_ids())
+    return model, processor
+
+
+def add_stop_tokens(generation_config, ids: list[int]) -> None:
+    """Generation also stops at `ids` (a base checkpoint's eos is <|endoftext|> while its chat template closes
+    turns with <|im_end|>: without this, it would write the next user turn itself)."""
+    eos = generation_config.eos_token_id
+    current = [eos] if isinstance(eos, int) else list(eos or [])
+    generation_config.eos_token_id = current + [i for i in ids if i not in current]
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from mpm.configuration import MPMConfig
+from mpm.connectors import connector_class
 from mpm.core.errors import DataError
 from mpm.slicing import slice_image
 
@@ -61,9 +62,9 @@ class MPMProcessor:
         self.config = config
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        for name in ("image_token", "slice_start_token", "slice_end_token"):
-            token = getattr(config, name)
-            if token not in tokenizer.get_vocab():
+        vocab = tokenizer.get_vocab()
+        for token in config.added_tokens:
+            if token not in vocab:
                 raise ValueError(f"the tokenizer has no {token!r} token: build the model with from_parts()")
         self.mean = torch.tensor(config.image_mean).view(3, 1, 1)
         self.std = torch.tensor(config.image_std).view(3, 1, 1)
@@ -80,25 +81,22 @@ class MPMProcessor:
 
     # images ----------------------------------------------------------------------------------------------------
     def tokens_per_image(self, height: int, width: int) -> int:
-        cfg = self.config
-        if cfg.connector_type in ("resampler", "bridge"):
-            return cfg.num_queries
-        cls = 1 if cfg.vision_feature_select == "full" and cfg.vision_config.model_type == "clip_vision_model" else 0
-        return (height // cfg.patch_size) * (width // cfg.patch_size) + cls
+        return connector_class(self.config.connector_type).tokens_per_image(self.config, height, width)
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
         return (arr - self.mean) / self.std  # (3, H, W)
 
     def image_inputs(self, image: Image.Image) -> tuple[list[torch.Tensor], str]:
-        """(pixel tensors, placeholder text) of one image."""
+        """(pixel tensors, placeholder text) of one image: its overview, then its rows of slices; wrapped in the
+        image delimiters when the model has them (several images in a message stay apart)."""
         cfg = self.config
         tok = cfg.image_token
         if not cfg.use_slicing:
             pixels = self.to_tensor(
                 image.convert("RGB").resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
             )
-            return [pixels], tok * self.tokens_per_image(cfg.image_size, cfg.image_size)
+            return [pixels], self._delimited(tok * self.tokens_per_image(cfg.image_size, cfg.image_size))
         sliced = slice_image(image.convert("RGB"), cfg.scale_resolution, cfg.max_slices, cfg.patch_size)
         tensors = [self.to_tensor(sliced.overview)]
         text = tok * self.tokens_per_image(sliced.overview.height, sliced.overview.width)
@@ -113,7 +111,11 @@ class MPMProcessor:
             rows.append("".join(cells))
         if rows:
             text += "\n" + "\n".join(rows)
-        return tensors, text
+        return tensors, self._delimited(text)
+
+    def _delimited(self, placeholders: str) -> str:
+        cfg = self.config
+        return cfg.image_start_token + placeholders + cfg.image_end_token if cfg.delimit_images else placeholders
 
     def _expand(
         self, messages: list[dict], images: list[Image.Image]
@@ -153,6 +155,10 @@ class MPMProcessor:
             )
         except Exception as exc:  # jinja2.TemplateError: the template refuses (e.g. Gemma: no system role)
             raise ProcessingError(f"the chat template refuses this conversation: {exc}") from None
+
+    def end_of_turn_ids(self) -> list[int]:
+        """The token that closes an assistant turn in this model's chat format (see `end_of_turn_ids`)."""
+        return end_of_turn_ids(self.tokenizer, self.tokenizer.chat_template or PLAIN_CHAT_TEMPLATE)
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -246,12 +252,75 @@ class MPMProcessor:
                 ids.append(x.input_ids + fill)
                 mask.append([1] * len(x.input_ids) + [0] * n)
                 labels.append((x.labels or [IGNORE_INDEX] * len(x.input_ids)) + [IGNORE_INDEX] * n)
-        pixels = [p for x in items for p in x.pixel_values]
-        if pixels and len({tuple(p.shape) for p in pixels}) == 1:
-            pixels = torch.stack(pixels)
         return {
             "input_ids": torch.tensor(ids),
             "attention_mask": torch.tensor(mask),
             "labels": torch.tensor(labels),
-            "pixel_values": pixels if len(pixels) else None,
+            "pixel_values": _stacked([p for x in items for p in x.pixel_values]),
         }
+
+    def collate_packed(self, items: list[Encoded], pack_length: int) -> dict:
+        """Several samples per row (first fit, in order, up to `pack_length` tokens or the longest sample), no
+        attention mask: `position_ids` restart at 0 for each sample, which tells the LLM's attention (transformers'
+        packed-sequence masks; flash-attention's variable lengths) to keep samples apart, so each sample's logits
+        and loss are what they would be alone. Padding at a row's end is a sample of its own, never attended to.
+        """
+        capacity = max(pack_length, max(len(x.input_ids) for x in items))
+        rows: list[list[Encoded]] = []
+        for x in items:
+            row = next((r for r in rows if sum(len(y.input_ids) for y in r) + len(x.input_ids) <= capacity), None)
+            if row is None:
+                rows.append([x])
+            else:
+                row.append(x)
+        length = max(sum(len(x.input_ids) for x in row) for row in rows)
+        pad = self.tokenizer.pad_token_id
+        ids, labels, positions, pixels = [], [], [], []
+        for row in rows:
+            row_ids, row_labels, row_positions = [], [], []
+            for x in row:
+                row_ids += x.input_ids
+                # the first token of a sample is never a target: the previous sample's last token must not predict it
+                row_labels += [IGNORE_INDEX] + (x.labels or [IGNORE_INDEX] * len(x.input_ids))[1:]
+                row_positions += list(range(len(x.input_ids)))
+                pixels += x.pixel_values  # placeholder order: row by row, sample by sample
+            n = length - len(row_ids)
+            ids.append(row_ids + [pad] * n)
+            labels.append(row_labels + [IGNORE_INDEX] * n)
+            positions.append(row_positions + list(range(n)))
+        return {
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "position_ids": torch.tensor(positions),
+            "pixel_values": _stacked(pixels),
+        }
+
+
+def end_of_turn_ids(tokenizer, chat_template: str) -> list[int]:
+    """[id] of the special token that closes an assistant turn in `chat_template` (found by rendering one turn:
+    ChatML's <|im_end|>, Llama-3's <|eot_id|>, Gemma's <end_of_turn>, the plain template's eos), or [] when the
+    turn ends in plain text (nothing safe to stop on)."""
+    answer = "Hello there"
+    try:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer}],
+            chat_template=chat_template,
+            tokenize=False,
+        )
+    except Exception:  # jinja2.TemplateError: a template that refuses this minimal exchange has no answer to read
+        return []
+    closing = rendered[rendered.rfind(answer) + len(answer) :]
+    ids = tokenizer(closing, add_special_tokens=False)["input_ids"] if closing.strip() else []
+    special = set(tokenizer.all_special_ids) | {
+        i
+        for t, i in tokenizer.get_added_vocab().items()
+        if getattr(tokenizer.added_tokens_decoder.get(i), "special", False)
+    }
+    return ids[:1] if ids and ids[0] in special else []
+
+
+def _stacked(pixels: list[torch.Tensor]):
+    """One (N, 3, H, W) tensor when every image or slice has one size, else the list; None without images."""
+    if not pixels:
+        return None
+    return torch.stack(pixels) if len({tuple(p.shape) for p in pixels}) == 1 else pixels

@@ -29,8 +29,9 @@ class ModelSection:
     llm: str = ""  # a causal LM: folder or hub id
     tokenizer: str | None = None  # default: the LLM's
     init_from: str | None = None  # an MPM checkpoint to start from (stage 2 after stage 1); replaces vision/llm
-    connector_type: str = "mlp"
+    connector_type: str = "mlp"  # a registered connector: mlp | resampler | bridge | your own (mpm.connectors)
     num_queries: int = 64
+    bridge_experts: bool = False  # bridge: the queries get their own norms and MLP in each tower layer (Muffin)
     connector_hidden_size: int | None = None
     vision_feature_layer: int = -2
     vision_feature_select: str = "patch"
@@ -38,7 +39,13 @@ class ModelSection:
     use_slicing: bool = False
     max_slices: int = 9
     scale_resolution: int = 448
+    delimit_images: bool | None = None  # default: on, except in the plain LLaVA layout (mlp, no slicing)
     trust_remote_code: bool = False
+
+    def __post_init__(self):
+        from mpm.connectors import CONNECTORS  # a misspelt connector is an error when the config loads
+
+        check_choice("model.connector_type", self.connector_type, sorted(CONNECTORS))
 
 
 @dataclass
@@ -64,6 +71,18 @@ class DataSection:
 
 
 @dataclass
+class EfficiencySection:
+    """Speed and memory switches (stage 1 is where the compute goes), all on by default. Each can be turned off to
+    get the earlier behaviour: benchmarks/bench_stage1.py runs both side by side."""
+
+    frozen_in_compute_dtype: bool = True  # frozen weights stored in bf16/fp16 under mixed precision, not fp32
+    trainable_only_checkpoints: bool = True  # intermediate checkpoints without the frozen weights (final/ is whole)
+    vision_early_exit: bool = True  # the vision tower stops at the feature layer the connector reads
+    pack_sequences: bool = True  # several samples per row up to data.max_length, attention kept apart
+    supervised_logits_only: bool = True  # the LM head runs only where the next token is supervised
+
+
+@dataclass
 class TrainSection:
     stage: str = "pretrain"  # pretrain: LLM frozen, English pairs; sft: conversations, LLM trained (full or LoRA)
     output_dir: str = ""
@@ -81,6 +100,8 @@ class TrainSection:
     vision: str = "frozen"  # frozen | full | last_n
     vision_last_n: int = 2
     lora: LoraSection = field(default_factory=LoraSection)
+    train_new_token_embeddings: bool = True  # the added image/slice tokens learn even with the LLM frozen or LoRA
+    efficiency: EfficiencySection = field(default_factory=EfficiencySection)
     seed: int = 0
     log_every: int = 10
     save_every: int = 500

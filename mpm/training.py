@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,17 +52,35 @@ def mpm_settings(cfg: ModelSection) -> dict:
     return settings
 
 
-def set_trainable(model: MPMForConditionalGeneration, cfg: TrainSection) -> list[dict]:
-    """Freeze / unfreeze per the config; returns optimizer parameter groups (the connector at its own rate)."""
+def set_trainable(model: MPMForConditionalGeneration, cfg: TrainSection, shards_weights: bool = False) -> list[dict]:
+    """Freeze / unfreeze per the config; returns optimizer parameter groups (the connector at its own rate).
+
+    `shards_weights`: FSDP / ZeRO-3 hold each weight in pieces, so nothing that must be merged at the end (LoRA,
+    trainable token rows) can be added.
+    """
     model.requires_grad_(False)
     model.connector.requires_grad_(True)
     if cfg.llm_trainable and not cfg.lora.enabled:
         model.language_model.requires_grad_(True)
     if cfg.vision != "frozen":
-        for module in vision_modules_to_train(model, None if cfg.vision == "full" else cfg.vision_last_n):
+        last_n = None if cfg.vision == "full" else cfg.vision_last_n
+        for module in model.connector.vision_modules(model.vision_tower, model.config, last_n):
             module.requires_grad_(True)
+    # The tokens this model added (slice markers, image delimiters) have new embedding rows: they must learn even
+    # when the LLM does not (frozen, or LoRA). The image placeholder's own row is never used (replaced by features).
+    new_tokens = [] if shards_weights or not cfg.train_new_token_embeddings else added_token_ids(model)
     if cfg.lora.enabled:
-        apply_lora(model, cfg)
+        apply_lora(model, cfg, new_tokens)
+    elif new_tokens and not cfg.llm_trainable:
+        from peft import TrainableTokensConfig, get_peft_model
+
+        embedding = embedding_module_name(model.language_model)
+        config = TrainableTokensConfig(target_modules=[embedding], token_indices=new_tokens)
+        with warnings.catch_warnings():
+            # peft warns that a tied LM head is not given the new rows while training; merging writes them into
+            # the shared matrix, so the saved model stays tied (tested), and these tokens are never predicted.
+            warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.*")
+            model.language_model = get_peft_model(model.language_model, config)
     connector = [p for p in model.connector.parameters() if p.requires_grad]
     others = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("connector.")]
     groups = [{"params": connector, "lr": cfg.connector_lr}]
@@ -70,21 +89,27 @@ def set_trainable(model: MPMForConditionalGeneration, cfg: TrainSection) -> list
     return groups
 
 
-def vision_modules_to_train(model: MPMForConditionalGeneration, last_n: int | None) -> list[torch.nn.Module]:
-    """The vision modules whose output reaches the connector: the blocks up to the feature layer (its last `last_n`,
-    or all of them with the embeddings when None). Blocks past the feature layer, and heads or final norms the
-    connector never reads, stay frozen: they would get no gradient, yet weight decay would still move them."""
-    tower, cfg = model.vision_tower, model.config
-    encoder = tower.encoder
-    blocks = list(encoder.layers if hasattr(encoder, "layers") else encoder.stages)
-    used = cfg.vision_feature_layer % (len(blocks) + 1)  # hidden_states = (embeddings, block 1, ..., block N)
-    modules = blocks[:used] if last_n is None else blocks[max(used - last_n, 0) : used]
-    if last_n is None:
-        stem = [getattr(tower, name, None) for name in ("embeddings", "embedder", "pre_layrnorm")]
-        modules += [m for m in stem if m is not None]
-    if cfg.connector_type == "bridge" and used == len(blocks):  # the bridge normalises the last layer's output
-        modules.append(tower.post_layernorm)
-    return modules
+def added_token_ids(model: MPMForConditionalGeneration) -> list[int]:
+    """Ids of the tokens whose embedding rows the model uses and the LLM never learnt (all added ones but the image
+    placeholder, whose row is replaced by visual features)."""
+    cfg = model.config
+    ids = [cfg.slice_start_token_id, cfg.slice_end_token_id, cfg.image_start_token_id, cfg.image_end_token_id]
+    return [i for i in ids if i is not None]
+
+
+def embedding_module_name(lm: torch.nn.Module) -> str:
+    """The last name of the LLM's input embedding module (`embed_tokens` for Qwen / Llama / Gemma)."""
+    embedding = lm.get_input_embeddings()
+    return next(name for name, module in lm.named_modules() if module is embedding).rpartition(".")[2]
+
+
+def store_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Frozen weights in the compute dtype (bf16 / fp16): autocast would cast them on every step anyway, and a
+    frozen 7B LLM takes half the memory. Trainable weights stay fp32 for the optimizer; buffers (rotary
+    frequencies, batch-norm statistics) keep their precision."""
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point():
+            param.data = param.data.to(dtype)
 
 
 def keep_frozen_norm_statistics(model: torch.nn.Module) -> None:
@@ -100,32 +125,49 @@ def keep_frozen_norm_statistics(model: torch.nn.Module) -> None:
             module.eval()
 
 
-def apply_lora(model: MPMForConditionalGeneration, cfg: TrainSection) -> None:
-    """LoRA adapters on the LLM (peft); the base weights stay frozen."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as exc:
-        raise ImportError("train.lora needs peft: pip install peft") from exc
+def apply_lora(model: MPMForConditionalGeneration, cfg: TrainSection, new_tokens: list[int]) -> None:
+    """LoRA adapters on the LLM (peft), and trainable rows for the added tokens; the base weights stay frozen."""
+    from peft import LoraConfig, get_peft_model
+
     lora = cfg.lora
+    extra = {}
+    if new_tokens:
+        extra["trainable_token_indices"] = {embedding_module_name(model.language_model): new_tokens}
+        # a tied LM head gets the same rows (Qwen2's small models tie their embeddings)
+        extra["ensure_weight_tying"] = bool(getattr(model.language_model.config, "tie_word_embeddings", False))
     config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), **extra
     )
     model.language_model = get_peft_model(model.language_model, config)
 
 
 def save_final(
-    model: MPMForConditionalGeneration, processor: MPMProcessor, folder: Path, state_dict: dict | None = None
-) -> None:
-    """A plain MPM checkpoint, written beside `folder` and renamed (whole or absent). LoRA adapters are merged into
-    the LLM (and also saved alone in `lora_adapter/`); `state_dict` is the gathered one under FSDP / ZeRO-3."""
+    model: MPMForConditionalGeneration,
+    processor: MPMProcessor,
+    folder: Path,
+    state_dict: dict | None = None,
+    write: bool = True,
+) -> MPMForConditionalGeneration:
+    """A plain MPM checkpoint in fp32, written beside `folder` and renamed (whole or absent). peft layers (LoRA,
+    trainable token rows) are merged into the LLM, and a LoRA adapter is also saved alone in `lora_adapter/`;
+    `state_dict` is the gathered one under FSDP / ZeRO-3. Every process calls it (each merges its own copy, so all
+    hold the same plain model); only the one with `write` writes. Returns the plain model."""
     tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if write:
+        shutil.rmtree(tmp, ignore_errors=True)
     lm = model.language_model
     if hasattr(lm, "merge_and_unload"):
-        lm.save_pretrained(tmp / "lora_adapter")
+        if write and any("lora_" in name for name, _ in lm.named_parameters()):
+            lm.save_pretrained(tmp / "lora_adapter")
         model.language_model = lm.merge_and_unload()
         state_dict = None
-    model.save_pretrained(tmp, state_dict=state_dict)
-    processor.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    # Frozen parts were kept in the compute dtype during training: the saved model has one dtype, fp32.
+    model.float()
+    if state_dict is not None:
+        state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    if write:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        processor.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from dataproc.langid import LID176_LANGUAGES
 from dataproc.shard_layout import RECORD_SCHEMA
@@ -120,6 +121,9 @@ class FilterConfig:
     max_image_area: int | None = None  # width * height of the original image, pixels
     dedup_exact: bool = True  # drop images whose bytes (sha256) were already kept in this run
     near_duplicate_max_distance: int | None = 4  # 64-bit pHash Hamming distance; null disables
+    # More filter blocks, run after the built-in ones of their stage: each entry is {name: <a registered filter or
+    # "package.module:ClassName">, <its options>...}. How to write one: dataproc/sharder/filters.py.
+    extra: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self):
         check_range("filters.min_lang_score", self.min_lang_score, 0, 1)
@@ -140,6 +144,11 @@ class FilterConfig:
                 f"`filters.languages` holds codes fastText lid.176 does not know: {unknown}; "
                 "use ISO 639 codes such as en, zh, de (see dataproc/langid.py)"
             )
+        if self.extra:
+            # Imported here: filters.py builds its blocks from this config (and imports this module).
+            from dataproc.sharder.filters import check_extra_filters
+
+            check_extra_filters(self.extra)
 
 
 @dataclass

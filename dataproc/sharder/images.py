@@ -8,32 +8,25 @@ scale (`Image.draft`, 1/2, 1/4 or 1/8), which is most of this module's speed ove
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import imagehash
 from PIL import Image, ImageOps
 
-from dataproc.sharder.config import FilterConfig, OutputConfig, ResizeConfig
+from dataproc.sharder.config import OutputConfig, ResizeConfig
+from dataproc.sharder.filters import Filter, Rejected, Sample, apply_filters
 from mpm.core.images import ImageError, to_rgb
 
 EXIF_ORIENTATION = 0x0112
 SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
 PIL_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
-FILTERS = {
+RESAMPLING = {
     "area": Image.Resampling.BOX,  # averages the covered source pixels: OpenCV's INTER_AREA when shrinking
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
-
-
-class Rejected(Exception):
-    """A sample leaves the pipeline with `status` (failed_* or filtered_*) and a message for the record."""
-
-    def __init__(self, status: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass
@@ -60,27 +53,19 @@ def resized_size(width: int, height: int, cfg: ResizeConfig) -> tuple[int, int] 
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def check_image_filters(width: int, height: int, cfg: FilterConfig) -> None:
-    """Image filters on the original size; raises Rejected with the reason."""
-    if min(width, height) < cfg.min_image_size:
-        raise Rejected(
-            "filtered_image_size", f"{width}x{height}: min side < filters.min_image_size {cfg.min_image_size}"
-        )
-    aspect = max(width, height) / min(width, height)
-    if cfg.max_aspect_ratio is not None and aspect > cfg.max_aspect_ratio:
-        raise Rejected(
-            "filtered_aspect_ratio",
-            f"{width}x{height}: aspect {aspect:.2f} > filters.max_aspect_ratio {cfg.max_aspect_ratio}",
-        )
-    if cfg.max_image_area is not None and width * height > cfg.max_image_area:
-        raise Rejected(
-            "filtered_image_area",
-            f"{width}x{height}: area {width * height} > filters.max_image_area {cfg.max_image_area}",
-        )
+def process_image(
+    data: bytes,
+    resize: ResizeConfig,
+    output: OutputConfig,
+    filters: Sequence[Filter] = (),
+    sample: Sample | None = None,
+) -> ProcessedImage:
+    """Bytes in, encoded output out. Raises Rejected for every way a sample can fail or be filtered.
 
-
-def process_image(data: bytes, resize: ResizeConfig, filters: FilterConfig, output: OutputConfig) -> ProcessedImage:
-    """Bytes in, encoded output out. Raises Rejected for every way a sample can fail or be filtered."""
+    Runs the "header" filters of `filters` on the original size before decoding and the "image" filters on the
+    decoded RGB image before resizing, both on `sample` (the caption stage ran before the fetch).
+    """
+    sample = sample if sample is not None else Sample(caption=None)
     if not data:
         raise Rejected("failed_to_decode", "empty file (0 bytes)")
     try:
@@ -101,7 +86,8 @@ def process_image(data: bytes, resize: ResizeConfig, filters: FilterConfig, outp
         )
     orientation = im.getexif().get(EXIF_ORIENTATION, 1)
     width, height = (stored_h, stored_w) if orientation in SWAPS_AXES else (stored_w, stored_h)
-    check_image_filters(width, height, filters)
+    sample.width, sample.height = width, height
+    apply_filters(filters, "header", sample)
 
     target = resized_size(width, height, resize)
     if target is not None and im.format == "JPEG" and target[0] * target[1] < width * height:
@@ -118,13 +104,18 @@ def process_image(data: bytes, resize: ResizeConfig, filters: FilterConfig, outp
         im = to_rgb(im)
     except ImageError as exc:
         raise Rejected("failed_to_decode", str(exc)) from None
+    sample.image = im  # filters only read it: the same object is resized below
+    try:
+        apply_filters(filters, "image", sample)
+    finally:
+        sample.image = None  # the worker keeps a shard's samples: never their decoded pixels
     phash = perceptual_hash(im)
 
     try:
         if target is not None:
             shrinking = target[0] * target[1] < im.width * im.height
             im = im.resize(
-                target, FILTERS[resize.downscale_interpolation if shrinking else resize.upscale_interpolation]
+                target, RESAMPLING[resize.downscale_interpolation if shrinking else resize.upscale_interpolation]
             )
         im = _pad_or_crop(im, resize)
         buf = io.BytesIO()

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from dataproc.shard_layout import completed_shards, make_key, shard_name, total_stats
 from dataproc.sharder.config import RESUMABLE_CHANGES, ShardConfig
 from dataproc.sharder.executors import make_executor
-from dataproc.sharder.filters import Deduplicator
+from dataproc.sharder.filters import Deduplicator, extra_statuses
 from dataproc.sharder.readers import InputRow, count_rows, input_fingerprint, read_rows, resolve_input
 from dataproc.sharder.worker import ShardTask, staged_paths
 from dataproc.sharder.writer import apply_retry, finalize_shard, read_staged
@@ -51,6 +51,7 @@ def shard(cfg: ShardConfig, show_progress: bool = True) -> dict[str, Any]:
     """Run the sharder to completion (or resume it). Returns the run totals also written to `{out}/stats.json`."""
     cfg.check_required()
     started = time.time()
+    statuses = extra_statuses(cfg.filters)  # of the filters.extra blocks: every stats file lists them
     fmt, files = resolve_input(cfg.input)
     executor = make_executor(cfg)  # workers start up while this process prepares the run
     bar = None
@@ -68,7 +69,7 @@ def shard(cfg: ShardConfig, show_progress: bool = True) -> dict[str, Any]:
         done = completed_shards(out)
         for shard_id, stats in sorted(done.items()):
             if stats.get("retry_of"):
-                apply_retry(out, shard_id)  # finishes a retry a killed run had not written back yet
+                apply_retry(out, shard_id, statuses)  # finishes a retry a killed run had not written back yet
         dedup = _rebuild_dedup(out, done, cfg)
 
         total = count_rows(fmt, files)
@@ -81,11 +82,12 @@ def shard(cfg: ShardConfig, show_progress: bool = True) -> dict[str, Any]:
             smoothing=0.1,
         )
         tasks = _input_tasks(cfg, fmt, files, set(done), staged_dir)
-        failed = _run(tasks, executor, out, staged_dir, dedup, bar)
+        failed = _run(tasks, executor, out, staged_dir, dedup, bar, statuses)
         if cfg.retry_failed and not failed:
             if fmt in RETRYABLE_FORMATS:
                 next_id = max(completed_shards(out), default=-1) + 1
-                failed = _run(_retry_tasks(out, cfg, next_id, staged_dir), executor, out, staged_dir, dedup, bar)
+                retries = _retry_tasks(out, cfg, next_id, staged_dir)
+                failed = _run(retries, executor, out, staged_dir, dedup, bar, statuses)
             else:
                 logger.warning("--retry-failed: failures of %s inputs do not change on a retry; nothing retried", fmt)
     except BaseException:
@@ -209,7 +211,13 @@ def _retry_tasks(out: Path, cfg: ShardConfig, next_id: int, staged_dir: Path) ->
 
 
 def _run(
-    tasks: Iterator[ShardTask], executor, out: Path, staged_dir: Path, dedup: Deduplicator, bar: tqdm
+    tasks: Iterator[ShardTask],
+    executor,
+    out: Path,
+    staged_dir: Path,
+    dedup: Deduplicator,
+    bar: tqdm,
+    extra_statuses: list[str],
 ) -> dict[int, str]:
     """Run tasks with a bounded number in flight; finalize staged shards in shard order. Returns failed shards."""
     window = 2 * executor.processes  # keeps every worker busy while bounding rows held in memory
@@ -248,9 +256,9 @@ def _run(
 
         while order and order[0][0] in ready:
             shard_id, retry_of = order.popleft()
-            finalize_shard(out, staged_dir, shard_id, dedup, retry_of=retry_of)
+            finalize_shard(out, staged_dir, shard_id, dedup, retry_of=retry_of, extra_statuses=extra_statuses)
             if retry_of:
-                apply_retry(out, shard_id)
+                apply_retry(out, shard_id, extra_statuses)
 
         if exhausted and not in_flight:
             break

@@ -1,9 +1,11 @@
 """The per-shard function: rows in, a staged shard out. Both executors (local processes, Ray) run exactly this.
 
-Per shard: caption filters (no network) -> fetch in threads -> decode, validate, filter, resize, encode (in input
-order, in this process's main thread) -> a staged tar of candidates and a staged parquet of every row.
+Per shard: caption filters (no network) -> fetch in threads -> header filters, decode, image filters, resize,
+encode (in input order, in this process's main thread) -> a staged tar of candidates and a staged parquet of every
+row. The filters are the blocks `build_filters` makes from the config (filters.py).
 Deduplication is NOT done here: it needs every earlier sample of the run, so the coordinator does it when it
-finalizes shards in input order (see run.py). A sample's problem never escapes this function: it becomes a status.
+finalizes shards in input order (see run.py). A sample's problem never escapes this function: it becomes a status
+(a filter that raises is a bug in the filter, not the sample's problem: it fails the shard).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from PIL import Image
 from dataproc.shard_layout import RECORD_SCHEMA
 from dataproc.sharder.config import ShardConfig
 from dataproc.sharder.fetch import Fetcher, FetchError
-from dataproc.sharder.filters import CaptionFilters
-from dataproc.sharder.images import Rejected, process_image
+from dataproc.sharder.filters import FilterError, Rejected, Sample, apply_filters, build_filters
+from dataproc.sharder.images import process_image
 from dataproc.sharder.readers import InputRow, read_source_bytes
 from mpm.core.files import atomic_write_bytes
 
@@ -78,7 +80,7 @@ class _WorkerState:
     def __init__(self, cfg: ShardConfig):
         self.cfg = cfg
         self.fetcher = Fetcher(cfg.fetch)
-        self.caption_filters = CaptionFilters(cfg.filters)
+        self.filters = build_filters(cfg.filters)
         self.datasets_cache: dict = {}
         # Pillow's own bomb check follows ours (it raises at twice this); we reject above 1x from the header.
         Image.MAX_IMAGE_PIXELS = cfg.resize.max_image_pixels
@@ -114,22 +116,23 @@ def process_shard(task: ShardTask, cfg: ShardConfig, progress=None) -> int:
     tar_path, parquet_path = staged_paths(task.staged_dir, task.shard_id)
     tar_path.parent.mkdir(parents=True, exist_ok=True)
     records = [base_record(key, row) for key, row in zip(task.keys, task.rows)]
+    samples = [Sample(caption=row.caption, url=row.url, columns=row.extra) for row in task.rows]
     reporter = _ProgressReporter(progress)
 
     # 1. Rows that could not be read, and caption filters: no network needed.
     to_fetch = []
-    for i, (row, record) in enumerate(zip(task.rows, records)):
+    for i, (row, record, sample) in enumerate(zip(task.rows, records, samples)):
         if row.error:
             record.update(status="failed_to_read", error_message=row.error)
             reporter.add(1, 0)
             continue
         try:
-            prediction = state.caption_filters(row.caption)
-            record.update(lang=prediction.lang, lang_score=round(prediction.score, 4))
+            apply_filters(state.filters, "caption", sample)
             to_fetch.append(i)
         except Rejected as rejected:
             record.update(status=rejected.status, error_message=rejected.message)
             reporter.add(1, 0)
+        record.update(sample.tags)
 
     def fetch(i: int) -> bytes | FetchError:
         row = task.rows[i]
@@ -155,7 +158,7 @@ def process_shard(task: ShardTask, cfg: ShardConfig, progress=None) -> int:
     ):
         for i, future in _ordered_map(pool, fetch, to_fetch, window=4 * cfg.fetch.threads):
             begin = stream.tell()
-            ok = _process_sample(future.result(), task.rows[i], records[i], cfg, tar, mtime)
+            ok = _process_sample(future.result(), samples[i], records[i], state, tar, mtime)
             if ok:
                 spans[records[i]["key"]] = (begin, stream.tell())
             reporter.add(1, int(ok))
@@ -174,20 +177,25 @@ def process_shard(task: ShardTask, cfg: ShardConfig, progress=None) -> int:
 
 
 def _process_sample(
-    fetched: bytes | FetchError, row: InputRow, record: dict, cfg: ShardConfig, tar: tarfile.TarFile, mtime: int
+    fetched: bytes | FetchError, sample: Sample, record: dict, state: _WorkerState, tar: tarfile.TarFile, mtime: int
 ) -> bool:
+    cfg = state.cfg
     if isinstance(fetched, FetchError):
         record.update(status=fetched.status, error_message=str(fetched))
         return False
     record["sha256"] = hashlib.sha256(fetched).hexdigest()
     try:
-        image = process_image(fetched, cfg.resize, cfg.filters, cfg.output)
+        image = process_image(fetched, cfg.resize, cfg.output, state.filters, sample)
     except Rejected as rejected:
         record.update(status=rejected.status, error_message=rejected.message)
         return False
+    except FilterError:
+        raise  # a filter's bug fails the shard: it is not this sample's problem
     except Exception as exc:  # Pillow raises many types on hostile input; the sample fails, the shard goes on
         record.update(status="failed_to_decode", error_message=f"{type(exc).__name__}: {exc}")
         return False
+    finally:
+        record.update(sample.tags)  # what header/image filters tagged, whatever the outcome
     record.update(
         status="success",
         width=image.width,
@@ -200,7 +208,7 @@ def _process_sample(
     members = {
         cfg.output.encode_format: image.data,
         "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
-        "txt": (row.caption or "").encode("utf-8"),
+        "txt": (sample.caption or "").encode("utf-8"),
     }
     for ext, data in members.items():  # one sample's members are contiguous, as webdataset requires
         info = tarfile.TarInfo(f"{record['key']}.{ext}")

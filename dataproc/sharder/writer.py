@@ -12,6 +12,7 @@ import collections
 import json
 import os
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,11 @@ def error_groups(records: list[dict]) -> dict[str, int]:
     return dict(counter.most_common(MAX_ERROR_GROUPS))
 
 
-def shard_stats(records: list[dict], timing: dict[str, float], **extra: Any) -> dict[str, Any]:
-    return {**count_statuses([r["status"] for r in records]), **timing, "errors": error_groups(records), **extra}
+def shard_stats(
+    records: list[dict], timing: dict[str, float], extra_statuses: Sequence[str] = (), **extra: Any
+) -> dict[str, Any]:
+    counts = count_statuses([r["status"] for r in records], extra_statuses)
+    return {**counts, **timing, "errors": error_groups(records), **extra}
 
 
 def _write_parquet(path: Path, table: pa.Table) -> None:
@@ -87,8 +91,12 @@ def finalize_shard(
     shard_id: int,
     dedup: Deduplicator,
     retry_of: list[int] | None = None,
+    extra_statuses: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Deduplicate a staged shard in key order and write its tar, parquet and (last) stats. Returns the stats."""
+    """Deduplicate a staged shard in key order and write its tar, parquet and (last) stats. Returns the stats.
+
+    `extra_statuses`: those of the run's `filters.extra` blocks, listed (zeros included) after the built-in ones.
+    """
     records, timing = read_staged(staged_dir, shard_id)
     drop = set()
     for record in records:  # records are in input order
@@ -105,13 +113,13 @@ def finalize_shard(
     staged_tar, staged_parquet = staged_paths(staged_dir, shard_id)
     _write_tar(staged_tar, out / f"{name}.tar", timing.pop("spans"), drop)
     _write_parquet(out / f"{name}.parquet", records_table(records))
-    stats = shard_stats(records, timing, **({"retry_of": retry_of} if retry_of else {}))
+    stats = shard_stats(records, timing, extra_statuses, **({"retry_of": retry_of} if retry_of else {}))
     atomic_write_json(stats_path(out, shard_id), stats)
     staged_parquet.unlink()
     return stats
 
 
-def apply_retry(out: Path, retry_shard_id: int) -> None:
+def apply_retry(out: Path, retry_shard_id: int, extra_statuses: Sequence[str] = ()) -> None:
     """Write a complete retry shard's outcomes back into the parquet and stats of the shards it retried.
 
     Idempotent: a run killed half way through applies it again (rows are replaced by key), and a source shard's
@@ -130,5 +138,6 @@ def apply_retry(out: Path, retry_shard_id: int) -> None:
         rows = [retried.get(r["key"], r) for r in table.to_pylist()]
         _write_parquet(parquet, records_table(rows))
         timing = {k: source_stats[k] for k in ("start_time", "end_time", "duration") if k in source_stats}
-        stats = shard_stats(rows, timing, retried_into=[*source_stats.get("retried_into", []), retry_shard_id])
+        retried_into = [*source_stats.get("retried_into", []), retry_shard_id]
+        stats = shard_stats(rows, timing, extra_statuses, retried_into=retried_into)
         atomic_write_json(source_stats_path, stats)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from accelerate.utils import DistributedType
 
 from mpm.core.config import diff_configs, load_config, save_config
 from mpm.core.errors import ConfigError
@@ -22,14 +24,31 @@ from mpm.core.files import atomic_write_json
 CHECKPOINTS = "checkpoints"
 
 
+# What a checkpoint holds, and how a run resumes from it. Format 2: model weights may be only the trainable ones
+# (`keep`), and the data position is where an optimizer step ended. A checkpoint of another format is refused
+# with this message (final models are plain transformers folders and load whatever their age).
+CHECKPOINT_FORMAT = 2
+FORMAT_CHANGES = {
+    2: "checkpoints hold only the trainable weights, and the loss of a step is weighted by its supervised tokens",
+}
+
+
 class Checkpoints:
     """`{out}/checkpoints/step-XXXXXXX/`: accelerate's state (model, optimizer, scheduler, RNG) + state.json
     (step and data position, the same on every rank), written into a temporary folder and renamed, so a checkpoint
-    is whole or absent."""
+    is whole or absent.
 
-    def __init__(self, out: Path, keep_last: int):
+    `keep(name) -> bool` chooses the model weights written (e.g. only trainable ones: a frozen 7B LLM is not
+    written every `save_every` steps); a resumed run builds the model as before, so the others are what they were.
+    It applies where accelerate hands over a whole state dict (one process, DDP); FSDP and DeepSpeed write their
+    own sharded formats, whole.
+    """
+
+    def __init__(self, out: Path, keep_last: int, keep: Callable[[str], bool] | None = None):
         self.root = out / CHECKPOINTS
         self.keep_last = keep_last
+        self.keep = keep
+        self._hooked: set[int] = set()
 
     def latest(self) -> Path | None:
         done = sorted(p for p in self.root.glob("step-*") if (p / "state.json").exists()) if self.root.exists() else []
@@ -38,13 +57,15 @@ class Checkpoints:
     def save(self, accelerator, step: int, state: dict) -> Path:
         final = self.root / f"step-{step:07d}"
         tmp = self.root / f".tmp-step-{step:07d}"
+        self._hook(accelerator)
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()  # every rank's RNG file is written before the checkpoint counts as whole
         if accelerator.is_main_process:
-            atomic_write_json(tmp / "state.json", state)
+            weights = "selected" if self.keep is not None else "all"
+            atomic_write_json(tmp / "state.json", {"format": CHECKPOINT_FORMAT, "weights": weights, **state})
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in sorted(p for p in self.root.glob("step-*"))[: -self.keep_last]:
@@ -52,16 +73,39 @@ class Checkpoints:
         accelerator.wait_for_everyone()
         return final
 
+    def _hook(self, accelerator) -> None:
+        """Drop the weights `keep` refuses from the state dicts accelerate is about to write."""
+        if self.keep is None or id(accelerator) in self._hooked:
+            return
+        keep = self.keep
+
+        def select(models, weights, output_dir):
+            for state_dict in weights:
+                for name in [n for n in state_dict if not keep(n.removeprefix("module."))]:  # DDP's prefix
+                    del state_dict[name]
+
+        accelerator.register_save_state_pre_hook(select)
+        self._hooked.add(id(accelerator))
+
     @staticmethod
     def load(accelerator, folder: Path) -> dict:
         state = json.loads((folder / "state.json").read_text())
+        if state.get("format", 1) != CHECKPOINT_FORMAT:
+            change = FORMAT_CHANGES.get(CHECKPOINT_FORMAT, "the checkpoint format changed")
+            raise ConfigError(
+                f"{folder} was written by an earlier version of this recipe (checkpoint format {state.get('format', 1)},"
+                f" now {CHECKPOINT_FORMAT}: {change}); it cannot be resumed. Start a new train.output_dir (or delete "
+                "its checkpoints); final models of earlier runs still load"
+            )
         # The data position, the batch layout and the RNG files are per process count: another count cannot resume.
-        if state.get("processes", accelerator.num_processes) != accelerator.num_processes:  # (older: unrecorded)
+        if state["processes"] != accelerator.num_processes:
             raise ConfigError(
                 f"{folder} was written by {state['processes']} processes, this run has "
                 f"{accelerator.num_processes}: resume with the same number, or use a new train.output_dir"
             )
-        accelerator.load_state(str(folder))
+        sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        # Weights missing from a checkpoint that holds only some keep the values the rebuilt model has.
+        accelerator.load_state(str(folder), **({} if sharded or state["weights"] == "all" else {"strict": False}))
         return state
 
 

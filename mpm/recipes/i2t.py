@@ -31,14 +31,16 @@ from mpm.core.errors import ConfigError
 from mpm.core.runs import Checkpoints, Metrics, check_resume
 from mpm.data import Conversations, LengthGroupedSampler, PairCaptions, collate, read_all, to_device
 from mpm.modeling import MPMForConditionalGeneration
+from mpm.processor import IGNORE_INDEX
 from mpm.train_config import RESUMABLE, TrainConfig
-from mpm.training import build_model, keep_frozen_norm_statistics, save_final, set_trainable
+from mpm.training import build_model, keep_frozen_norm_statistics, save_final, set_trainable, store_frozen_in
 
 logger = logging.getLogger(__name__)
 # Stop when this many samples in a row (on all processes, counted at each log) were unusable: the data is broken.
 DRY_LIMIT = 1000
 # What a micro-batch whose every sample was skipped runs instead, with zero weight (see the loop).
 FILLER = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hello"}]
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -50,7 +52,7 @@ class TrainResult:
 def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
     """Train to `train.max_steps` (resuming from the last checkpoint if there is one)."""
     cfg.check_required()
-    t = cfg.train
+    t, d, speed = cfg.train, cfg.data, cfg.train.efficiency
     out = Path(t.output_dir)
 
     # 1. Accelerator, seed, the config this run is bound to -------------------------------------------------------
@@ -61,7 +63,8 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
         log_with=t.report_to or None,
         project_dir=str(out),
     )
-    if t.lora.enabled and _shards_weights(accelerator):
+    sharded = _shards_weights(accelerator)
+    if t.lora.enabled and sharded:
         raise ConfigError("train.lora needs whole weights to merge: use DDP or DeepSpeed ZeRO-2, not FSDP / ZeRO-3")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -70,7 +73,6 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
     set_seed(t.seed)
 
     # 2. The data's files first (a wrong path fails now, not after the model has loaded) -------------------------
-    d = cfg.data
     if t.stage == "sft":
         items = read_all(d.conversations, d.image_folder)  # ConfigError naming the file
     else:
@@ -82,16 +84,33 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
 
     # 3. The model, what trains, the optimizer ---------------------------------------------------------------------
     model, processor = build_model(cfg.model)
-    groups = set_trainable(model, t)
+    model.vision_early_exit = speed.vision_early_exit
+    groups = set_trainable(model, t, sharded)
+    if t.mixed_precision != "no" and speed.frozen_in_compute_dtype:
+        store_frozen_in(model, COMPUTE_DTYPES[t.mixed_precision])
+    pack_length = None
+    if speed.pack_sequences:
+        if packing_keeps_samples_apart(model.language_model):
+            pack_length = d.max_length
+        else:
+            logger.warning(
+                "the LLM's attention (%s) does not keep samples apart when they share a row: training without "
+                "packing (train.efficiency.pack_sequences)", model.config.text_config._attn_implementation,
+            )  # fmt: skip
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Checkpoints keep the trainable weights and every buffer (a trained tower's batch-norm statistics); frozen
+    # weights are rebuilt as they were when the run resumes.
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    trained = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    keep = (lambda name: name in trained or name not in names) if speed.trainable_only_checkpoints else None
     optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for g in groups for p in g["params"]]
 
     # 4. Resume: weights, optimizer, scheduler, RNG, and where in the data we were ---------------------------------
-    checkpoints = Checkpoints(out, t.keep_last)
+    checkpoints = Checkpoints(out, t.keep_last, keep)
     accelerator.register_for_checkpointing(scheduler)
     step, epoch, consumed, state = 0, 0, 0, {}
     latest = checkpoints.latest()
@@ -104,96 +123,85 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
 
     # 5. The loop ----------------------------------------------------------------------------------------------
     conversations = Conversations(items, d.image_folder, processor, d.max_length) if t.stage == "sft" else None
+    stream = _micro_batches(cfg, processor, accelerator, epoch, consumed, conversations, pack_length)
     metrics = Metrics(out, accelerator, resumed_at=step if latest is not None else None)
     filler = processor.collate([processor.encode_conversation(FILLER, [])])
     # This process's counts since the last log. A resumed run's main process starts with every process's counts
     # between that log and the checkpoint, so the logged rows are those of an uninterrupted run.
-    tally = dict.fromkeys(("loss", "micro", "tokens", "samples", "skipped"), 0.0)
+    tally = dict.fromkeys(("nll", "tokens", "micro", "samples", "skipped"), 0.0)
     if accelerator.is_main_process:
         tally.update(state.get("unlogged", {}))
-    in_step = 0  # usable micro-batches in the current optimizer step, on this process
     dry = state.get("dry", 0)  # samples skipped, on all processes, since the last logged step that had a usable one
     learned = state.get("learned")  # usable micro-batches, all processes, all logged steps (None: none logged yet)
-    epoch_usable = 0 if consumed == 0 else None  # usable micro-batches in an epoch seen whole by this run
     bar = tqdm(
         total=t.max_steps, initial=step, unit=" steps", disable=not (show_progress and accelerator.is_main_process)
     )
     model.train()
     keep_frozen_norm_statistics(model)
     while step < t.max_steps:
-        for batch in _batches(cfg, processor, accelerator, epoch, consumed, conversations):
-            consumed += 1
+        # 5a. This optimizer step's micro-batches, and its supervised tokens counted over all of them on every
+        # process: the step's loss is the sum of -log p over those tokens divided ONCE by their number, so a token
+        # weighs the same in a short answer and in a long description (torchtune; transformers' num_items_in_batch).
+        micro = [next(stream) for _ in range(t.grad_accum)]
+        batches = [batch for batch, _, _ in micro]
+        epoch, consumed = micro[-1][1], micro[-1][2]  # the data position after this step
+        for batch in batches:
             tally["skipped"] += len(batch.pop("skipped"))
-            # A micro-batch whose samples were all skipped (counted above) runs a tiny text-only batch with zero
-            # weight instead: so every rank consumes micro-batches in lockstep, and the one data position in a
-            # checkpoint is every rank's.
+        step_tokens = _sum(accelerator, sum(supervised_tokens(b) for b in batches if "input_ids" in b))
+        grad_norm = 0.0
+        # A step with nothing usable on any process is not taken: its gradient is zero, and AdamW's momentum would
+        # still move the weights. (Every process knows: the count is summed over all of them.)
+        for batch in batches if step_tokens else []:
+            # A micro-batch whose samples were all skipped runs a tiny text-only batch with zero weight instead: so
+            # every process runs the same number of forward/backward passes (DDP synchronises in backward).
             usable = "input_ids" in batch
-            in_step += usable
+            samples = batch.pop("samples", 0)
             batch = to_device(batch if usable else filler, accelerator.device)
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                nll, tokens = nll_sum(model, batch, speed.supervised_logits_only)
+                # accelerate divides by grad_accum and DDP averages over processes: undo both, so the gradient is
+                # d(sum of the step's -log p) / d(weights) divided by step_tokens, whatever the batch layout.
+                loss = nll * (t.grad_accum * accelerator.num_processes / step_tokens)
                 accelerator.backward(loss if usable else loss * 0)
-                take_step = True
                 if accelerator.sync_gradients:
-                    # A step with no usable micro-batch on any rank is not taken: its gradient is zero, and
-                    # AdamW's momentum would still move the weights.
-                    take_step = _sum(accelerator, in_step) > 0
-                    grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm) if take_step else 0.0
-                    in_step = 0
-                if take_step:
-                    optimizer.step()
+                    grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
+                optimizer.step()
                 optimizer.zero_grad()
             if usable:
-                tally["loss"] += loss.item()
+                tally["nll"] += nll.item()
+                tally["tokens"] += tokens
                 tally["micro"] += 1
-                tally["tokens"] += int(batch["attention_mask"].sum())
-                tally["samples"] += batch["input_ids"].shape[0]
-                if epoch_usable is not None:
-                    epoch_usable += 1
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            step += 1
-            bar.update()
-            bar.set_postfix_str(f"loss {loss.item():.3f}", refresh=False)
-            if step % t.log_every == 0 or step == t.max_steps:
-                totals = _summed(accelerator, tally)  # every process's samples, tokens, skips and losses
-                dry = dry + int(totals["skipped"]) if totals["micro"] == 0 else 0
-                learned = (learned or 0) + int(totals["micro"])
-                if dry >= DRY_LIMIT:
-                    raise ConfigError(
-                        f"no usable training sample among the last {dry} (all skipped, reasons in the warnings "
-                        "above): check the shards' images, data.image_folder and data.max_length"
-                    )
-                lrs = scheduler.get_last_lr()
-                metrics.log(step, {
-                    "loss": round(totals["loss"] / max(totals["micro"], 1), 5),
-                    "lr": lrs[-1],  # the LLM's / vision tower's rate, or the connector's when only it trains
-                    "lr_connector": lrs[0],
-                    "grad_norm": round(float(grad_norm), 5),
-                    "tokens": int(totals["tokens"]),
-                    "samples": int(totals["samples"]),
-                    "skipped": int(totals["skipped"]),
-                })  # fmt: skip
-                tally = dict.fromkeys(tally, 0.0)
-            if step % t.save_every == 0 or step == t.max_steps:
-                checkpoints.save(accelerator, step, {
-                    "step": step, "epoch": epoch, "batches_in_epoch": consumed, "processes": accelerator.num_processes,
-                    "unlogged": _summed(accelerator, tally), "dry": dry, "learned": learned,
-                })  # fmt: skip
-            if step >= t.max_steps:
-                break
-        else:  # the data ran out before max_steps: next epoch
-            if consumed == 0:
-                raise ConfigError("the training data gave no batch in a whole pass (see the warnings above)")
-            if epoch_usable is not None and _sum(accelerator, epoch_usable) == 0:
+                tally["samples"] += samples
+        scheduler.step()
+        step += 1
+        bar.update()
+        if tally["tokens"]:
+            bar.set_postfix_str(f"loss {tally['nll'] / tally['tokens']:.3f}", refresh=False)
+        if step % t.log_every == 0 or step == t.max_steps:
+            totals = _summed(accelerator, tally)  # every process's samples, tokens, skips and losses
+            dry = dry + int(totals["skipped"]) if totals["micro"] == 0 else 0
+            learned = (learned or 0) + int(totals["micro"])
+            if dry >= DRY_LIMIT:
                 raise ConfigError(
-                    "a whole pass over the training data gave no usable sample (all skipped, reasons in the warnings "
-                    "above): check data.image_folder, the images, and data.max_length"
+                    f"no usable training sample among the last {dry} (all skipped, reasons in the warnings "
+                    "above): check the shards' images, data.image_folder and data.max_length"
                 )
-            epoch, consumed, epoch_usable = epoch + 1, 0, 0
-            continue
-        break
+            lrs = scheduler.get_last_lr()
+            metrics.log(step, {
+                "loss": round(totals["nll"] / max(totals["tokens"], 1), 5),  # per supervised token
+                "lr": lrs[-1],  # the LLM's / vision tower's rate, or the connector's when only it trains
+                "lr_connector": lrs[0],
+                "grad_norm": round(float(grad_norm), 5),
+                "tokens": int(totals["tokens"]),  # supervised tokens
+                "samples": int(totals["samples"]),
+                "skipped": int(totals["skipped"]),
+            })  # fmt: skip
+            tally = dict.fromkeys(tally, 0.0)
+        if step % t.save_every == 0 or step == t.max_steps:
+            checkpoints.save(accelerator, step, {
+                "step": step, "epoch": epoch, "batches_in_epoch": consumed, "processes": accelerator.num_processes,
+                "unlogged": _summed(accelerator, tally), "dry": dry, "learned": learned,
+            })  # fmt: skip
     bar.close()
     if learned == 0:
         raise ConfigError(
@@ -201,24 +209,90 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
             "check the shards' images, data.image_folder and data.max_length"
         )
 
-    # 5. The final model, a plain checkpoint (LoRA merged) ---------------------------------------------------------
+    # 6. The final model, a plain checkpoint (peft layers merged) -------------------------------------------------
     accelerator.wait_for_everyone()
     final = out / "final"
-    # Every process takes part in gathering the weights (FSDP / ZeRO-3 shard them); LoRA merges from the modules.
-    state_dict = None if t.lora.enabled else accelerator.get_state_dict(model)
-    model = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:
-        save_final(model, processor, final, state_dict)
+    # Every process takes part in gathering the weights (FSDP / ZeRO-3 shard them); peft merges from the modules.
+    merges = hasattr(accelerator.unwrap_model(model).language_model, "merge_and_unload")
+    state_dict = None if merges else accelerator.get_state_dict(model)
+    model = save_final(accelerator.unwrap_model(model), processor, final, state_dict, accelerator.is_main_process)
     accelerator.end_training()
     return TrainResult(final, model)
 
 
-def _batches(cfg: TrainConfig, processor, accelerator, epoch: int, skip: int, conversations: Conversations | None):
+def supervised_tokens(batch: dict) -> int:
+    """Tokens whose prediction is trained: label positions 1.. that are not IGNORE_INDEX."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def nll_sum(model, batch: dict, supervised_logits_only: bool) -> tuple[torch.Tensor, int]:
+    """(sum of -log p(token) over the batch's supervised tokens, their number).
+
+    Position t predicts token t+1. With `supervised_logits_only` the LM head runs only at positions where some
+    row's next token is supervised (in caption pretraining, the caption: a fraction of the sequence; the head of a
+    150k-word vocabulary costs as much as many transformer layers); otherwise at every position.
+    """
+    labels = batch["labels"]
+    targets = labels[:, 1:]  # (B, T-1)
+    if supervised_logits_only:
+        keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (K,) positions
+    else:
+        keep = torch.arange(targets.shape[1], device=labels.device)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    # no KV cache in training: it costs memory, and transformers only keeps packed samples apart without one
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
+    nll = torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return nll, int((targets != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def packing_keeps_samples_apart(lm: torch.nn.Module) -> bool:
+    """Does the LLM's attention keep two samples apart when they share a row with position ids restarting at 0
+    (as transformers' packed-sequence masks and flash-attention do)? Checked on 8 tokens: the second sample's
+    logits must be those it has alone. Older or custom attention code that ignores it would mix samples."""
+    param = next(lm.parameters())
+    vocab = lm.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(param.device)
+    was_training = lm.training
+    lm.eval()
+    try:
+        positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]], device=param.device)
+        packed = lm(input_ids=ids, position_ids=positions, use_cache=False)
+        alone = lm(input_ids=ids[:, 4:], position_ids=positions[:, :4], use_cache=False)
+    finally:
+        lm.train(was_training)
+    a, b = packed.logits[:, 4:].float(), alone.logits.float()
+    return bool((a - b).abs().max() <= 1e-2 * b.abs().max() + 1e-4)
+
+
+def _micro_batches(cfg, processor, accelerator, epoch: int, consumed: int, conversations, pack_length):
+    """This process's micro-batches from the data position (epoch, batches consumed in it) on, endlessly, each with
+    the position after it. A pass that gives no batch, or no usable sample, is an error: the data is broken."""
+    epoch_usable = 0 if consumed == 0 else None  # usable micro-batches in an epoch this run sees whole
+    while True:
+        for batch in _batches(cfg, processor, accelerator, epoch, consumed, conversations, pack_length):
+            consumed += 1
+            if epoch_usable is not None and "input_ids" in batch:
+                epoch_usable += 1
+            yield batch, epoch, consumed
+        if consumed == 0:
+            raise ConfigError("the training data gave no batch in a whole pass (see the warnings above)")
+        if epoch_usable is not None and _sum(accelerator, epoch_usable) == 0:
+            raise ConfigError(
+                "a whole pass over the training data gave no usable sample (all skipped, reasons in the warnings "
+                "above): check data.image_folder, the images, and data.max_length"
+            )
+        epoch, consumed, epoch_usable = epoch + 1, 0, 0
+
+
+def _batches(cfg: TrainConfig, processor, accelerator, epoch: int, skip: int, conversations, pack_length):
     """The micro-batches of one epoch for this rank, from batch number `skip` on (the data position to resume)."""
     t, d = cfg.train, cfg.data
     workers = {
         "num_workers": d.num_workers,
-        "collate_fn": partial(collate, processor),
+        "collate_fn": partial(collate, processor, pack_length=pack_length),
         # The loader's own generator (workers' seeds) leaves the global RNG alone: dropout masks after a resume
         # are then the same as in an uninterrupted run.
         "generator": torch.Generator().manual_seed(t.seed * 1000 + epoch),

@@ -1,5 +1,6 @@
 """Generation, chat and export to plain transformers LLaVA."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,6 +14,8 @@ from mpm.inference import Request, generate, load_model, without_reasoning
 from tests.mpm.conftest import make_tokenizer
 
 RED = Image.new("RGB", (40, 30), (200, 10, 10))
+# Noise survives resizing as detail: any difference between two resize implementations shows in its pixels.
+NOISE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8), "RGB")
 MESSAGES = [{"role": "user", "content": "<image>\nWhat is this?"}]
 
 
@@ -38,21 +41,22 @@ def test_export_llava_round_trip(saved, tmp_path, vision, chat_template):
     llava = LlavaForConditionalGeneration.from_pretrained(out).eval()  # plain transformers, no MPM code
     llava_processor = AutoProcessor.from_pretrained(out)
     model, processor = load_model(source, device="cpu")
-    ours = processor.collate([processor.encode_prompt(MESSAGES, [RED])])
+    ours = processor.collate([processor.encode_prompt(MESSAGES, [NOISE])])
     theirs = llava_processor(
-        images=[RED],
+        images=[NOISE],
         text=[llava_processor.apply_chat_template(MESSAGES, add_generation_prompt=True)],
         return_tensors="pt",
     )
+    assert type(llava_processor.image_processor).__name__ in ("CLIPImageProcessorPil", "CLIPImageProcessor")
     assert torch.equal(theirs["input_ids"], ours["input_ids"])
-    assert torch.allclose(theirs["pixel_values"], ours["pixel_values"], atol=1e-4)
+    assert torch.allclose(theirs["pixel_values"], ours["pixel_values"], atol=1e-5)  # the same pixels
     with torch.no_grad():
         a = model(ours["input_ids"], ours["pixel_values"], ours["attention_mask"]).logits
         b = llava(**theirs).logits
     assert torch.allclose(a, b, atol=1e-4)
     exported, exported_processor = load_model(out, device="cpu")
-    assert generate(exported, exported_processor, [Request([RED], MESSAGES)], max_new_tokens=6) == generate(
-        model, processor, [Request([RED], MESSAGES)], max_new_tokens=6
+    assert generate(exported, exported_processor, [Request([NOISE], MESSAGES)], max_new_tokens=6) == generate(
+        model, processor, [Request([NOISE], MESSAGES)], max_new_tokens=6
     )
 
 
@@ -179,6 +183,67 @@ def test_end_of_turn_tokens_survive_save_and_export(tiny, tmp_path):
     model.save_pretrained(tmp_path / "mpm")
     processor.save_pretrained(tmp_path / "mpm")
     reloaded, reprocessor = load_model(tmp_path / "mpm", device="cpu")
-    assert end_of_turn in stop_tokens(reloaded, reprocessor.tokenizer)
+    assert end_of_turn in stop_tokens(reloaded, reprocessor)
     llava, llava_processor = load_model(export_llava(tmp_path / "mpm", tmp_path / "llava"), device="cpu")
-    assert end_of_turn in stop_tokens(llava, llava_processor.tokenizer)
+    assert end_of_turn in stop_tokens(llava, llava_processor)
+
+
+class ScriptedHead(torch.nn.Module):
+    """An LM head that makes the model say `script` token by token, then `filler` forever."""
+
+    def __init__(self, script, filler, vocab):
+        super().__init__()
+        self.script, self.filler, self.vocab, self.calls = script, filler, vocab, 0
+
+    def forward(self, hidden):
+        token = self.script[self.calls] if self.calls < len(self.script) else self.filler
+        self.calls += 1
+        logits = torch.zeros(*hidden.shape[:-1], self.vocab)
+        logits[..., token] = 10.0
+        return logits
+
+
+def test_generation_stops_at_the_templates_end_of_turn_not_only_at_eos(tiny, tmp_path):
+    """A base checkpoint: eos <|endoftext|>, while its chat template closes turns with <|im_end|>."""
+    from mpm.inference import stop_tokens
+
+    tok = make_tokenizer()
+    tok.eos_token = "<|endoftext|>"
+    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+    model, processor = tiny(tokenizer=tok)
+    assert processor.end_of_turn_ids() == [end_of_turn]
+    assert end_of_turn in model.language_model.generation_config.eos_token_id  # written by from_parts
+    model.save_pretrained(tmp_path / "mpm")
+    processor.save_pretrained(tmp_path / "mpm")
+    reloaded, reprocessor = load_model(tmp_path / "mpm", device="cpu")
+    assert end_of_turn in reloaded.language_model.generation_config.eos_token_id
+    llava, llava_processor = load_model(export_llava(tmp_path / "mpm", tmp_path / "llava"), device="cpu")
+    assert end_of_turn in llava.generation_config.eos_token_id  # the export keeps it
+    assert end_of_turn in stop_tokens(reloaded, reprocessor)
+    # A model that answers "Red", closes its turn, then would write the user's next turn itself ("A A A ...").
+    red = tok("Red", add_special_tokens=False)["input_ids"]
+    scripted = ScriptedHead(
+        [*red, end_of_turn], filler=tok("A", add_special_tokens=False)["input_ids"][0], vocab=len(tok)
+    )
+    reloaded.language_model.lm_head = scripted
+    assert generate(reloaded, reprocessor, [Request([RED], MESSAGES)], max_new_tokens=8) == ["Red"]
+    assert scripted.calls == len(red) + 1  # it stopped at <|im_end|>, not at max_new_tokens
+
+
+def test_a_raw_prompt_keeps_its_bos_when_batched_with_chat_requests(saved, tmp_path):
+    from tokenizers.processors import TemplateProcessing
+
+    tok = make_tokenizer()
+    tok.add_special_tokens({"bos_token": "<s>"})  # a Llama-style tokenizer: BOS added to every text it tokenizes
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    assert tok("x")["input_ids"][0] == bos
+    llava, llava_processor = load_model(export_llava(saved(tokenizer=tok), tmp_path / "llava"), device="cpu")
+    seen = []
+    llava.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True)
+    raw = Request([RED], prompt="<image>\nA photo of")
+    generate(llava, llava_processor, [raw], max_new_tokens=1)
+    alone = seen[-1][0].tolist()
+    generate(llava, llava_processor, [Request([RED], MESSAGES), raw], max_new_tokens=1, batch_size=2)
+    mixed = seen[-1][1].tolist()
+    assert alone[0] == bos and mixed[-len(alone) :] == alone  # the same tokens, BOS first, after the left padding

@@ -16,13 +16,14 @@ CONVERSATION = [
 COMBOS = [
     ("clip", "qwen2", "mlp"), ("clip", "llama", "resampler"), ("clip", "gemma", "bridge"),
     ("siglip", "qwen2", "resampler"), ("siglip", "llama", "bridge"), ("siglip", "gemma", "mlp"),
-    ("resnet", "qwen2", "mlp"), ("resnet", "llama", "resampler"),
+    ("resnet", "qwen2", "mlp"), ("resnet", "llama", "resampler"), ("clip", "qwen2", "bridge_experts"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("vision", "text", "connector"), COMBOS, ids=["-".join(c) for c in COMBOS])
 def test_forward_backward_save_load(tiny, tmp_path, vision, text, connector):
-    model, processor = tiny(vision, text, connector)
+    experts = connector == "bridge_experts"
+    model, processor = tiny(vision, text, "bridge" if experts else connector, bridge_experts=experts)
     image = Image.new("RGB", (40, 30), (200, 10, 10))
     batch = processor.collate([processor.encode_conversation(CONVERSATION, [image])] * 2)
     out = model(**batch)
@@ -59,13 +60,60 @@ def test_placeholder_count_mismatch_is_a_clear_error(tiny):
         model(batch["input_ids"], torch.zeros(2, 3, 32, 32))
 
 
-def test_bridge_needs_a_vit_and_unknown_towers_are_refused(tiny):
+def test_bridge_needs_a_vit_and_unknown_towers_and_connectors_are_refused(tiny):
     from transformers import Dinov2Config
 
     with pytest.raises(ValueError, match="bridge connector runs its queries through a ViT"):
         tiny("resnet", "qwen2", "bridge")
     with pytest.raises(ValueError, match="vision towers of type 'dinov2' are not supported"):
         MPMConfig(vision_config=Dinov2Config(), connector_type="mlp")
+    with pytest.raises(ValueError, match=r"`connector_type` must be one of \[.*'resampler'.*got 'resampeler'"):
+        tiny(connector="resampeler")
+
+
+def convnext_config():
+    from transformers import ConvNextConfig
+
+    return ConvNextConfig(num_channels=3, hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, patch_size=4)
+
+
+@pytest.mark.parametrize("vision", ["clip", "siglip", "resnet", "convnext"])
+@pytest.mark.parametrize("layer", [-1, -2, 0, 1])
+def test_the_tower_stops_at_the_feature_layer_with_the_same_features(vision, layer):
+    from transformers import AutoModel
+
+    from mpm.vision import patch_features
+    from tests.mpm.conftest import vision_config
+
+    torch.manual_seed(0)
+    tower = AutoModel.from_config(convnext_config() if vision == "convnext" else vision_config(vision)).eval()
+    pixels = torch.randn(2, 3, 32, 48)  # not the tower's own size: ViT positions are interpolated
+    with torch.no_grad():
+        early = patch_features(tower, pixels, layer, "full", early_exit=True)
+        whole = patch_features(tower, pixels, layer, "full", early_exit=False)
+    assert early.shape == whole.shape and torch.allclose(early, whole, atol=1e-5)
+
+
+def test_bridge_experts_start_as_the_tower_and_train_only_the_query_path(tiny):
+    from mpm.core.config import load_config
+    from mpm.train_config import TrainConfig
+    from mpm.training import set_trainable
+
+    model, processor = tiny("clip", "qwen2", "bridge", bridge_experts=True, vision_feature_layer=-1)
+    shared, _ = tiny("clip", "qwen2", "bridge", vision_feature_layer=-1)
+    shared.load_state_dict({k: v for k, v in model.state_dict().items() if ".experts." not in k})
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # the experts are copies of the tower's norms and MLPs: the same tokens at first
+        assert torch.allclose(
+            torch.stack(model.image_tokens(pixels)), torch.stack(shared.image_tokens(pixels)), atol=1e-5
+        )
+    assert len(model.connector.experts) == model.config.vision_config.num_hidden_layers  # layer -1: all of them
+    set_trainable(model, load_config(TrainConfig, None, None, ["train.vision=frozen"]).train)
+    batch = processor.collate([processor.encode_conversation(CONVERSATION, [Image.new("RGB", (32, 32), "red")])])
+    model(**batch).loss.backward()
+    experts = dict(model.connector.experts.named_parameters())
+    assert experts and all(p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0 for p in experts.values())
+    assert all(p.grad is None for p in model.vision_tower.parameters())  # the patch path stays frozen
 
 
 def test_text_only_batch_in_training_touches_the_connector(tiny):

@@ -179,3 +179,40 @@ def test_raw_prompt_without_template(tiny):
     encoded = processor.encode_prompt("<image>\nA photo of", [RED])
     text = processor.tokenizer.decode(encoded.input_ids)
     assert text.endswith("\nA photo of") and "<|im_start|>" not in text
+
+
+def test_several_images_in_a_message_are_delimited_except_in_the_llava_layout(tiny):
+    _, processor = tiny(connector="resampler", use_slicing=True, scale_resolution=32)
+    assert processor.config.delimit_images  # from_parts' default outside the LLaVA layout
+    text = processor.tokenizer.decode(processor.encode_prompt(DIALOGUE[:2] + DIALOGUE[3:4], [RED, BLUE]).input_ids)
+    first, second = text.split("<image_end>")[:2]
+    assert text.count("<image_start>") == text.count("<image_end>") == 2
+    assert first.rsplit("<image_start>", 1)[1].startswith("<image>") and "<image_start>" in second
+    _, llava = tiny()  # mlp without slicing: LLaVA's layout, which the export reproduces
+    assert not llava.config.delimit_images
+    assert "<image_start>" not in llava.tokenizer.decode(llava.encode_prompt(DIALOGUE[:2], [RED]).input_ids)
+
+
+@pytest.mark.parametrize("text", ["qwen2", "llama", "gemma"])
+def test_packed_samples_give_each_sample_its_own_loss(tiny, text):
+    from mpm.recipes.i2t import nll_sum, packing_keeps_samples_apart
+
+    model, processor = tiny(connector="resampler", text=text)
+    model.eval()
+    assert packing_keeps_samples_apart(model.language_model)
+    items = [
+        processor.encode_conversation(DIALOGUE, [RED, BLUE]),
+        processor.encode_conversation([{"role": "user", "content": "<image>\nColour?"}, {"role": "assistant", "content": "Red."}], [RED]),
+        processor.encode_conversation([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, how can I help?"}], []),
+    ]  # fmt: skip
+    packed = processor.collate_packed(items, pack_length=10_000)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    with torch.no_grad():
+        together, tokens = nll_sum(model, packed, supervised_logits_only=True)
+        alone = [nll_sum(model, processor.collate([x]), supervised_logits_only=False) for x in items]
+    assert tokens == sum(n for _, n in alone)
+    assert torch.allclose(together, sum(loss for loss, _ in alone), rtol=1e-5)
+    rows = processor.collate_packed(items, pack_length=len(items[0].input_ids))  # the longest fills a row alone
+    assert rows["input_ids"].shape[0] == 2 and rows["position_ids"][1, 0] == 0
+    with torch.no_grad():
+        assert torch.allclose(nll_sum(model, rows, True)[0], together, rtol=1e-5)

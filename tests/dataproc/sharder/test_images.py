@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from dataproc.sharder.config import ShardConfig
-from dataproc.sharder.images import Rejected, process_image, resized_size
+from dataproc.sharder.filters import Rejected, build_filters
+from dataproc.sharder.images import process_image, resized_size
 from dataproc.synthetic import render_pair
 from mpm.core.config import load_config
 from tests.conftest import image_bytes
@@ -22,7 +23,7 @@ def config(**flags):
 
 def run(data, **flags):
     cfg = config(**flags)
-    return process_image(data, cfg.resize, cfg.filters, cfg.output)
+    return process_image(data, cfg.resize, cfg.output, build_filters(cfg.filters))
 
 
 def decoded(result) -> Image.Image:
@@ -76,7 +77,7 @@ def test_reduced_scale_decoding_matches_full_decoding():
     """Image.draft must not change the output size and must keep it close to a full decode."""
     data = image_bytes((1600, 1200), noise=20, quality=95)
     cfg = config(resize__image_size=256)
-    fast = process_image(data, cfg.resize, cfg.filters, cfg.output)
+    fast = process_image(data, cfg.resize, cfg.output)
     full = Image.open(io.BytesIO(data)).convert("RGB").resize((341, 256), Image.Resampling.BOX)
     ours = np.asarray(decoded(fast), np.float32)
     assert ours.shape == (256, 341, 3)
