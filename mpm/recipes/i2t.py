@@ -14,12 +14,14 @@ exactly where the killed one was (same batches, same weights). Launch on several
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -56,6 +58,9 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
     out = Path(t.output_dir)
 
     # 1. Accelerator, seed, the config this run is bound to -------------------------------------------------------
+    # accelerate keeps one mixed-precision setting per process; a process may run several recipes (tests, the
+    # demo), so each run starts its own (the distributed setup, PartialState, is kept).
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # without it, accelerate ignores torchrun's processes on a CPU machine
         gradient_accumulation_steps=t.grad_accum,
@@ -172,7 +177,9 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
                 tally["tokens"] += tokens
                 tally["micro"] += 1
                 tally["samples"] += samples
-        scheduler.step()
+        with warnings.catch_warnings():  # a run whose first steps had nothing usable has not stepped AdamW yet
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            scheduler.step()
         step += 1
         bar.update()
         if tally["tokens"]:

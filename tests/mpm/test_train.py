@@ -17,11 +17,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mpm.cli import main
+from mpm.connectors import Connector, register_connector
 from mpm.core.config import load_config
 from mpm.core.errors import ConfigError
 from mpm.modeling import MPMForConditionalGeneration
 from mpm.train_config import TrainConfig
 from mpm.training import save_final, set_trainable
+from mpm.vision import patch_features
 from tests.mpm.conftest import COLOURS
 
 REPO = Path(__file__).parents[2]
@@ -50,6 +52,155 @@ def test_pretrain_through_the_cli_lowers_the_loss(tiny_parts, colour_shards, tmp
     llm = load_file(str(Path(tiny_parts[1]) / "model.safetensors"))
     trained = model.language_model.state_dict()
     assert torch.equal(trained["model.layers.0.mlp.up_proj.weight"], llm["model.layers.0.mlp.up_proj.weight"])
+    # intermediate checkpoints hold what trains (the connector, the new tokens' rows), not the frozen LLM and tower
+    saved = load_file(str(out / "checkpoints" / "step-0000030" / "model.safetensors"))
+    assert any(k.startswith("connector.") for k in saved) and any("trainable_tokens_delta" in k for k in saved)
+    assert not any(k.startswith(("language_model.model.layers", "vision_tower.encoder")) for k in saved)
+    assert json.loads((out / "checkpoints" / "step-0000030" / "state.json").read_text())["format"] == 2
+
+
+def test_pretrain_in_bf16_keeps_frozen_weights_in_bf16_and_learns(tiny_parts, colour_shards, tmp_path):
+    from mpm.recipes import i2t
+
+    seen = {}
+    original = i2t.store_frozen_in
+
+    def spy(model, dtype):
+        original(model, dtype)
+        seen.update({n: p.dtype for n, p in model.named_parameters()})
+
+    i2t.store_frozen_in = spy
+    try:
+        out = tmp_path / "bf16"
+        args = ["train", "i2t", "--config", TINY, "--no-progress", *parts(tiny_parts), f"data.shards=[{colour_shards}]",
+                f"train.output_dir={out}", "train.max_steps=40", "train.log_every=10", "train.save_every=40",
+                "train.mixed_precision=bf16"]  # fmt: skip
+        assert main(args) == 0
+    finally:
+        i2t.store_frozen_in = original
+    assert seen["language_model.base_model.model.model.layers.0.mlp.up_proj.weight"] == torch.bfloat16
+    assert seen["vision_tower.encoder.layers.0.mlp.fc1.weight"] == torch.bfloat16
+    assert seen["connector.query"] == torch.float32  # what trains stays fp32 for the optimizer
+    curve = losses(out)
+    assert curve[-1] < 0.5 * curve[0], curve
+    final = MPMForConditionalGeneration.from_pretrained(out / "final")
+    assert {p.dtype for p in final.parameters()} == {torch.float32}  # final/ has one dtype
+
+
+class MeanPoolConnector(Connector):
+    """A connector written outside the project: two tokens per image, the means of its upper and lower halves."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.proj = torch.nn.Linear(config.vision_width, config.text_config.hidden_size)
+
+    @classmethod
+    def tokens_per_image(cls, config, height, width):
+        return 2
+
+    def forward(self, tower, pixel_values, config, early_exit=True):
+        feats = patch_features(tower, pixel_values, config.vision_feature_layer, "patch", early_exit)  # (B, N, D)
+        halves = feats.chunk(2, dim=1)
+        return self.proj(torch.stack([h.mean(1) for h in halves], 1))
+
+
+def test_a_connector_registered_outside_the_project_trains_through_the_recipe(tiny_parts, colour_shards, tmp_path):
+    register_connector("mean_pool_test")(MeanPoolConnector)
+    out = tmp_path / "pool"
+    args = ["train", "i2t", "--config", TINY, "--no-progress", *parts(tiny_parts), f"data.shards=[{colour_shards}]",
+            f"train.output_dir={out}", "model.connector_type=mean_pool_test", "train.max_steps=40",
+            "train.log_every=10", "train.save_every=40"]  # fmt: skip
+    assert main(args) == 0
+    curve = losses(out)
+    assert curve[-1] < 0.8 * curve[0], curve
+    model = MPMForConditionalGeneration.from_pretrained(out / "final")
+    assert model.config.connector_type == "mean_pool_test" and isinstance(model.connector, MeanPoolConnector)
+    with pytest.raises(ConfigError, match="model.connector_type.*got 'mean_pol_test'"):
+        load_config(TrainConfig, TINY, None, ["model.connector_type=mean_pol_test"])  # before any weight loads
+
+
+def two_answers(folder: Path, broken: bool = False) -> Path:
+    """Two conversations whose answers differ 20-fold in length (and optionally one whose image is unreadable)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 30), COLOURS["red"]).save(folder / "red.png")
+    Image.new("RGB", (30, 40), COLOURS["blue"]).save(folder / "blue.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    long = "It is a blue picture. " * 8
+    records = [
+        {"id": "short", "image": "red.png", "conversations": [
+            {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "Red."}]},
+        {"id": "long", "image": "broken.png" if broken else "blue.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": long.strip()}]},
+    ]  # fmt: skip
+    (folder / "train.json").write_text(json.dumps(records))
+    return folder / "train.json"
+
+
+def one_step(tiny_parts, conversations, out, *extra) -> tuple[dict, dict]:
+    """(the metrics row, the final weights) of a one-step SFT run."""
+    args = sft_args(tiny_parts, conversations, out, "train.max_steps=1", "train.log_every=1", "train.save_every=1",
+                    "train.warmup_steps=0", "train.lr=1e-3", *extra)  # fmt: skip
+    assert main(args) == 0
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    return row, load_file(str(out / "final" / "model.safetensors"))
+
+
+def same_step(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
+    (row_a, weights_a), (row_b, weights_b) = a, b
+    assert row_a["tokens"] == row_b["tokens"] and row_a["samples"] == row_b["samples"]
+    assert row_a["loss"] == pytest.approx(row_b["loss"], rel=1e-4)
+    assert row_a["grad_norm"] == pytest.approx(row_b["grad_norm"], rel=1e-4)  # the same gradient, not only its sign
+    # AdamW's first step is lr * g / (|g| + eps): near-zero gradients amplify float noise, so 1e-4 (lr 1e-2)
+    assert all(torch.allclose(weights_a[k], weights_b[k], atol=1e-4) for k in weights_a)
+
+
+def test_a_token_weighs_the_same_in_every_batch_layout(tiny_parts, tmp_path):
+    data = two_answers(tmp_path / "data")
+    accumulated = one_step(tiny_parts, data, tmp_path / "accum", "train.grad_accum=2", "train.batch_size=1")
+    batched = one_step(tiny_parts, data, tmp_path / "batch", "train.grad_accum=1", "train.batch_size=2",
+                       "train.efficiency.pack_sequences=false")  # fmt: skip
+    packed = one_step(tiny_parts, data, tmp_path / "packed", "train.grad_accum=1", "train.batch_size=2")
+    assert accumulated[0]["tokens"] > 20  # the long answer's tokens count one by one
+    same_step(accumulated, batched)
+    same_step(accumulated, packed)
+    # and as 2 processes x 1 sample (a 2-process run: torchrun)
+    out = tmp_path / "ddp"
+    overrides = [*parts(tiny_parts), "train.stage=sft", f"data.conversations=[{data}]", f"data.image_folder={data.parent}",
+                 f"train.output_dir={out}", "train.max_steps=1", "train.log_every=1", "train.save_every=1",
+                 "train.warmup_steps=0", "train.lr=1e-3", "train.batch_size=1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          str(REPO / "tests" / "mpm" / "ddp_train.py"), TINY, *overrides],
+                         cwd=REPO, capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    same_step(
+        accumulated,
+        (json.loads((out / "metrics.jsonl").read_text()), load_file(str(out / "final" / "model.safetensors"))),
+    )
+
+
+def test_a_filler_micro_batch_leaves_the_update_unchanged(tiny_parts, tmp_path):
+    with_filler = one_step(tiny_parts, two_answers(tmp_path / "a", broken=True), tmp_path / "a_run",
+                           "train.grad_accum=2", "train.batch_size=1")  # fmt: skip
+    records = json.loads(two_answers(tmp_path / "b").read_text())[:1]
+    (tmp_path / "b" / "train.json").write_text(json.dumps(records))  # the short conversation alone
+    alone = one_step(
+        tiny_parts, tmp_path / "b" / "train.json", tmp_path / "b_run", "train.grad_accum=1", "train.batch_size=1"
+    )
+    assert with_filler[0]["skipped"] == 1
+    same_step(with_filler, alone)
+
+
+def test_new_token_rows_learn_while_the_llm_is_frozen(tiny):
+    model, processor = tiny(connector="resampler")  # not the LLaVA layout: images are delimited
+    set_trainable(model, load_config(TrainConfig, None, None, ["train.stage=pretrain"]).train)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("connector.")]
+    assert len(trainable) == 1 and "trainable_tokens_delta" in trainable[0]
+    batch = processor.collate([processor.encode_conversation(
+        [{"role": "user", "content": "<image>\nHi"}, {"role": "assistant", "content": "Red."}], [Image.new("RGB", (32, 32))])])  # fmt: skip
+    model(**batch).loss.backward()
+    delta = dict(model.named_parameters())[trainable[0]]
+    assert delta.shape[0] == 4 and delta.grad[2:].abs().sum() > 0  # <image_start>, <image_end> got gradients
 
 
 def write_conversations(folder: Path, sliced: bool = False) -> Path:
