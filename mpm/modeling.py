@@ -33,6 +33,9 @@ class MPMForConditionalGeneration(PreTrainedModel):
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.connector = build_connector(config)
+        # Trainable rows for the tokens this model added, while the LLM's embeddings are frozen (set by the
+        # recipe, merged into the embeddings when the final model is saved): None outside training.
+        self.added_token_embeddings: AddedTokenEmbeddings | None = None
         # The vision tower stops at the feature layer the connector reads (same features, less work); off only to
         # measure the difference (train.efficiency.vision_early_exit).
         self.vision_early_exit = True
@@ -74,6 +77,8 @@ class MPMForConditionalGeneration(PreTrainedModel):
     def embed(self, input_ids: torch.LongTensor, pixel_values=None) -> torch.Tensor:
         """Token embeddings with every image placeholder replaced by its visual token. (B, T) -> (B, T, D)."""
         embeds = self.get_input_embeddings()(input_ids)
+        if self.added_token_embeddings is not None:
+            embeds = self.added_token_embeddings(input_ids, embeds)
         if pixel_values is None or len(pixel_values) == 0:
             if self.training and torch.is_grad_enabled():
                 # A text-only batch: touch the trainable visual parameters with weight 0, so that data parallel
@@ -136,6 +141,28 @@ class MPMForConditionalGeneration(PreTrainedModel):
         self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         if getattr(self.vision_tower, "supports_gradient_checkpointing", False):
             self.vision_tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+
+class AddedTokenEmbeddings(nn.Module):
+    """Trainable embedding rows for the tokens the model added to the LLM's vocabulary (slice markers, image
+    delimiters), added to the output of the frozen embedding matrix: the new tokens learn in stage 1 (LLM frozen)
+    and under LoRA, at the cost of K x width parameters, while the 150k-row matrix stays frozen and out of every
+    checkpoint. `merge_into` writes them into the matrix (a tied LM head shares it)."""
+
+    def __init__(self, token_ids: list[int], width: int):
+        super().__init__()
+        self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long))
+        self.delta = nn.Parameter(torch.zeros(len(token_ids), width))
+
+    def forward(self, input_ids: torch.LongTensor, embeds: torch.Tensor) -> torch.Tensor:
+        # (B, T, K) one-hot of which added token sits where, times the (K, D) rows: always computed, so that data
+        # parallel training sees the parameter used in every step, even without these tokens
+        match = (input_ids.unsqueeze(-1) == self.token_ids).to(embeds.dtype)
+        return embeds + match @ self.delta.to(embeds.dtype)
+
+    @torch.no_grad()
+    def merge_into(self, embedding: nn.Embedding) -> None:
+        embedding.weight[self.token_ids] += self.delta.to(embedding.weight)
 
 
 def build_connector(config: MPMConfig) -> Connector:

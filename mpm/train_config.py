@@ -78,8 +78,13 @@ class EfficiencySection:
     frozen_in_compute_dtype: bool = True  # frozen weights stored in bf16/fp16 under mixed precision, not fp32
     trainable_only_checkpoints: bool = True  # intermediate checkpoints without the frozen weights (final/ is whole)
     vision_early_exit: bool = True  # the vision tower stops at the feature layer the connector reads
-    pack_sequences: bool = True  # several samples per row up to data.max_length, attention kept apart
+    # several samples per row up to data.max_length, attention kept apart: auto (with flash attention, whose
+    # variable-length kernels make it free; sdpa/eager would compute each row's whole masked attention) | always | never
+    pack_sequences: str = "auto"
     supervised_logits_only: bool = True  # the LM head runs only where the next token is supervised
+
+    def __post_init__(self):
+        check_choice("train.efficiency.pack_sequences", self.pack_sequences, ("auto", "always", "never"))
 
 
 @dataclass

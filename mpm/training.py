@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 
 from mpm.core.errors import ModelLoadError
-from mpm.modeling import MPMForConditionalGeneration
+from mpm.modeling import AddedTokenEmbeddings, MPMForConditionalGeneration
 from mpm.processor import MPMProcessor
 from mpm.train_config import ModelSection, TrainSection
 
@@ -53,11 +52,9 @@ def mpm_settings(cfg: ModelSection) -> dict:
 
 
 def set_trainable(model: MPMForConditionalGeneration, cfg: TrainSection, shards_weights: bool = False) -> list[dict]:
-    """Freeze / unfreeze per the config; returns optimizer parameter groups (the connector at its own rate).
-
-    `shards_weights`: FSDP / ZeRO-3 hold each weight in pieces, so nothing that must be merged at the end (LoRA,
-    trainable token rows) can be added.
-    """
+    """Freeze / unfreeze per the config; returns optimizer parameter groups (the connector and the added tokens'
+    rows at the connector's rate). `shards_weights` (FSDP / ZeRO-3): the added tokens' rows cannot be merged into
+    a sharded embedding matrix at the end, so they keep their first values (the mean embedding)."""
     model.requires_grad_(False)
     model.connector.requires_grad_(True)
     if cfg.llm_trainable and not cfg.lora.enabled:
@@ -66,23 +63,22 @@ def set_trainable(model: MPMForConditionalGeneration, cfg: TrainSection, shards_
         last_n = None if cfg.vision == "full" else cfg.vision_last_n
         for module in model.connector.vision_modules(model.vision_tower, model.config, last_n):
             module.requires_grad_(True)
+    if cfg.lora.enabled:
+        apply_lora(model, cfg)
     # The tokens this model added (slice markers, image delimiters) have new embedding rows: they must learn even
     # when the LLM does not (frozen, or LoRA). The image placeholder's own row is never used (replaced by features).
-    new_tokens = [] if shards_weights or not cfg.train_new_token_embeddings else added_token_ids(model)
-    if cfg.lora.enabled:
-        apply_lora(model, cfg, new_tokens)
-    elif new_tokens and not cfg.llm_trainable:
-        from peft import TrainableTokensConfig, get_peft_model
-
-        embedding = embedding_module_name(model.language_model)
-        config = TrainableTokensConfig(target_modules=[embedding], token_indices=new_tokens)
-        with warnings.catch_warnings():
-            # peft warns that a tied LM head is not given the new rows while training; merging writes them into
-            # the shared matrix, so the saved model stays tied (tested), and these tokens are never predicted.
-            warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.*")
-            model.language_model = get_peft_model(model.language_model, config)
-    connector = [p for p in model.connector.parameters() if p.requires_grad]
-    others = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("connector.")]
+    new_tokens = added_token_ids(model)
+    if shards_weights and new_tokens and cfg.train_new_token_embeddings and not cfg.llm_trainable:
+        logger.warning(
+            "FSDP / ZeRO-3: the added tokens' embedding rows stay as initialised (train_new_token_embeddings)"
+        )
+    elif new_tokens and cfg.train_new_token_embeddings and (not cfg.llm_trainable or cfg.lora.enabled):
+        width = model.get_input_embeddings().weight.shape[1]
+        model.added_token_embeddings = AddedTokenEmbeddings(new_tokens, width)
+    # The connector and the new token rows learn from scratch: the connector's rate.
+    fresh = ("connector.", "added_token_embeddings.")
+    connector = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(fresh)]
+    others = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(fresh)]
     groups = [{"params": connector, "lr": cfg.connector_lr}]
     if others:
         groups.append({"params": others, "lr": cfg.lr})
@@ -95,12 +91,6 @@ def added_token_ids(model: MPMForConditionalGeneration) -> list[int]:
     cfg = model.config
     ids = [cfg.slice_start_token_id, cfg.slice_end_token_id, cfg.image_start_token_id, cfg.image_end_token_id]
     return [i for i in ids if i is not None]
-
-
-def embedding_module_name(lm: torch.nn.Module) -> str:
-    """The last name of the LLM's input embedding module (`embed_tokens` for Qwen / Llama / Gemma)."""
-    embedding = lm.get_input_embeddings()
-    return next(name for name, module in lm.named_modules() if module is embedding).rpartition(".")[2]
 
 
 def store_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -125,18 +115,13 @@ def keep_frozen_norm_statistics(model: torch.nn.Module) -> None:
             module.eval()
 
 
-def apply_lora(model: MPMForConditionalGeneration, cfg: TrainSection, new_tokens: list[int]) -> None:
-    """LoRA adapters on the LLM (peft), and trainable rows for the added tokens; the base weights stay frozen."""
+def apply_lora(model: MPMForConditionalGeneration, cfg: TrainSection) -> None:
+    """LoRA adapters on the LLM (peft); the base weights stay frozen."""
     from peft import LoraConfig, get_peft_model
 
     lora = cfg.lora
-    extra = {}
-    if new_tokens:
-        extra["trainable_token_indices"] = {embedding_module_name(model.language_model): new_tokens}
-        # a tied LM head gets the same rows (Qwen2's small models tie their embeddings)
-        extra["ensure_weight_tying"] = bool(getattr(model.language_model.config, "tie_word_embeddings", False))
     config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), **extra
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
     )
     model.language_model = get_peft_model(model.language_model, config)
 
@@ -148,8 +133,8 @@ def save_final(
     state_dict: dict | None = None,
     write: bool = True,
 ) -> MPMForConditionalGeneration:
-    """A plain MPM checkpoint in fp32, written beside `folder` and renamed (whole or absent). peft layers (LoRA,
-    trainable token rows) are merged into the LLM, and a LoRA adapter is also saved alone in `lora_adapter/`;
+    """A plain MPM checkpoint in fp32, written beside `folder` and renamed (whole or absent). LoRA is merged into
+    the LLM (the adapter also saved alone in `lora_adapter/`), the added tokens' rows into its embeddings;
     `state_dict` is the gathered one under FSDP / ZeRO-3. Every process calls it (each merges its own copy, so all
     hold the same plain model); only the one with `write` writes. Returns the plain model."""
     tmp = folder.with_name(f".tmp-{folder.name}")
@@ -157,9 +142,13 @@ def save_final(
         shutil.rmtree(tmp, ignore_errors=True)
     lm = model.language_model
     if hasattr(lm, "merge_and_unload"):
-        if write and any("lora_" in name for name, _ in lm.named_parameters()):
+        if write:
             lm.save_pretrained(tmp / "lora_adapter")
         model.language_model = lm.merge_and_unload()
+        state_dict = None
+    if model.added_token_embeddings is not None:
+        model.added_token_embeddings.merge_into(model.get_input_embeddings())
+        model.added_token_embeddings = None
         state_dict = None
     # Frozen parts were kept in the compute dtype during training: the saved model has one dtype, fp32.
     model.float()

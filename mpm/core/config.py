@@ -42,6 +42,10 @@ def _merge(base, layer, source: str):
         key = _full_key(exc)
         where = f"key '{key}'" if key else "a key"
         raise ConfigError(f"{source}: {where} is invalid: {_first_line(exc)}") from None
+    except TypeError:  # OmegaConf: `list.0=x` on a list-typed key ("Cannot merge incompatible container types")
+        raise ConfigError(
+            f"{source}: cannot set one item of a list; give the whole list, e.g. filters.languages=[en,de]"
+        ) from None
 
 
 def nest_flat(flat: Mapping[str, Any]) -> dict:

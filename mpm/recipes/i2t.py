@@ -93,14 +93,18 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
     groups = set_trainable(model, t, sharded)
     if t.mixed_precision != "no" and speed.frozen_in_compute_dtype:
         store_frozen_in(model, COMPUTE_DTYPES[t.mixed_precision])
+    # Packing (several samples per row, position ids restarting) pays with variable-length attention kernels
+    # (flash attention: a row costs what its samples cost alone); sdpa / eager compute a row's whole masked
+    # attention matrix, and on the stage-1 benchmark packing was then slower. "auto" packs with flash attention only.
     pack_length = None
-    if speed.pack_sequences:
+    attention = model.config.text_config._attn_implementation or "eager"
+    if speed.pack_sequences == "always" or (speed.pack_sequences == "auto" and "flash" in attention):
         if packing_keeps_samples_apart(model.language_model):
             pack_length = d.max_length
         else:
             logger.warning(
                 "the LLM's attention (%s) does not keep samples apart when they share a row: training without "
-                "packing (train.efficiency.pack_sequences)", model.config.text_config._attn_implementation,
+                "packing (train.efficiency.pack_sequences)", attention,
             )  # fmt: skip
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -219,8 +223,10 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
     # 6. The final model, a plain checkpoint (peft layers merged) -------------------------------------------------
     accelerator.wait_for_everyone()
     final = out / "final"
-    # Every process takes part in gathering the weights (FSDP / ZeRO-3 shard them); peft merges from the modules.
-    merges = hasattr(accelerator.unwrap_model(model).language_model, "merge_and_unload")
+    # Every process takes part in gathering the weights (FSDP / ZeRO-3 shard them); LoRA and the added tokens'
+    # rows merge from the modules (whole weights: LoRA is refused under FSDP / ZeRO-3 above).
+    unwrapped = accelerator.unwrap_model(model)
+    merges = hasattr(unwrapped.language_model, "merge_and_unload") or unwrapped.added_token_embeddings is not None
     state_dict = None if merges else accelerator.get_state_dict(model)
     model = save_final(accelerator.unwrap_model(model), processor, final, state_dict, accelerator.is_main_process)
     accelerator.end_training()

@@ -57,3 +57,8 @@ def test_saved_config_round_trips_and_diffs(tmp_path):
         ShardConfig, None, {"resize.image_size": 256, "fetch.threads": 3, "filters.max_aspect_ratio": 3.0}
     )
     assert diff_configs(cfg, other, ignore=["fetch"]) == [("resize.image_size", 300, 256)]
+
+
+def test_setting_one_item_of_a_list_is_a_clear_error():
+    with pytest.raises(ConfigError, match="override 'filters.languages.0=de': cannot set one item of a list"):
+        load_config(ShardConfig, None, None, ["filters.languages.0=de"])
