@@ -11,7 +11,7 @@ layers x 896, vocabulary 151,936, tied), the LLM and tower frozen, batch 64 capt
 
     before: frozen weights fp32 (cast by autocast on every step), the whole tower (last layer, post-norm and
             pooling head included), padded rows with an attention mask, logits at every position, a KV cache built
-    after:  frozen weights bf16, the tower up to its feature layer, rows packed up to 2048 tokens when flash
+    after:  frozen weights bf16, the tower up to its feature layer, the batch packed into one row when flash
             attention is installed (padded otherwise, as the recipe's `pack_sequences: auto`), logits only
             where the next token is a caption token, no KV cache
 Prints samples/s, peak GPU memory and the frozen LLM's weight memory for each, and the ratios.
@@ -74,28 +74,16 @@ def padded(items, device):
     return {"input_ids": ids, "attention_mask": mask}, labels
 
 
-def packed(items, device, capacity: int):
-    """Rows of samples up to `capacity` tokens, position ids restarting (mpm.processor.collate_packed's layout)."""
-    rows: list[list] = []
-    for item in items:
-        row = next((r for r in rows if sum(len(x[0]) for x in r) + len(item[0]) <= capacity), None)
-        if row is None:
-            rows.append([item])
-        else:
-            row.append(item)
-    length = max(sum(len(x[0]) for x in r) for r in rows)
-    ids, labels, positions = [], [], []
-    for row in rows:
-        i = [t for x in row for t in x[0]]
-        lab = [t for x in row for t in [IGNORE] + x[1][1:]]
-        pos = [p for x in row for p in range(len(x[0]))]
-        n = length - len(i)
-        ids.append(i + [0] * n)
-        labels.append(lab + [IGNORE] * n)
-        positions.append(pos + list(range(n)))
-    return {"input_ids": torch.tensor(ids, device=device), "position_ids": torch.tensor(positions, device=device)}, (
-        torch.tensor(labels, device=device)
-    )
+def packed(items, device):
+    """All samples in one row, position ids restarting (mpm.processor.collate_packed's layout: transformers' flash
+    attention keeps packed samples apart only in a single row)."""
+    ids = [t for i, _ in items for t in i]
+    labels = [t for _, lab in items for t in [IGNORE] + lab[1:]]
+    positions = [p for i, _ in items for p in range(len(i))]
+    return {
+        "input_ids": torch.tensor([ids], device=device),
+        "position_ids": torch.tensor([positions], device=device),
+    }, (torch.tensor([labels], device=device))
 
 
 def build(text, vision, after: bool, device, attention: str):
@@ -128,7 +116,7 @@ def step(model, inputs, labels, pixels, after: bool):
 def measure(name, text, vision, batch, after, device, steps, warmup, attention, pack):
     model = build(text, vision, after, device, attention)
     items = samples(text, batch, 64, text.vocab_size - 1, seed=0)
-    inputs, labels = packed(items, device, 2048) if pack else padded(items, device)
+    inputs, labels = packed(items, device) if pack else padded(items, device)
     pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, device=device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     frozen = sum(p.numel() * p.element_size() for p in model.language_model.parameters() if not p.requires_grad)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mpm.core.errors import ConfigError
+from mpm.core.errors import ConfigError, model_errors
 from mpm.core.http import ChatClient, LLMError
 
 # ISO 639-1 -> (English name, FLORES-200 code used by NLLB-200). Codes from the NLLB-200 model card's language
@@ -70,8 +70,10 @@ class HFTranslator:
 
         self.torch = torch
         self.device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForSeq2SeqLM.from_pretrained(model, trust_remote_code=trust_remote_code).to(self.device)
+        with model_errors("model", model):
+            self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+            self.model = AutoModelForSeq2SeqLM.from_pretrained(model, trust_remote_code=trust_remote_code)
+        self.model.to(self.device)
         self.model.eval()
         self.batch_size, self.max_new_tokens, self.num_beams = batch_size, max_new_tokens, num_beams
         model_type = self.model.config.model_type

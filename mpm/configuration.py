@@ -80,6 +80,13 @@ class MPMConfig(PreTrainedConfig):
                 f"vision towers of type {vision_type!r} are not supported; use one of {VIT_TYPES + CONV_TYPES}"
             )
         connector_class(self.connector_type).check(self)  # the connector's own requirements (e.g. a ViT)
+        vc = self.vision_config
+        layers = len(vc.depths) if hasattr(vc, "depths") else vc.num_hidden_layers  # hidden states: layers + 1
+        if not -(layers + 1) <= self.vision_feature_layer <= layers:
+            raise ValueError(
+                f"`vision_feature_layer` {self.vision_feature_layer} is outside the {vision_type} tower's hidden states "
+                f"(-{layers + 1}..{layers}: 0 is the input of the first layer, -1 the last layer's output)"
+            )
         if self.image_size is None:
             self.image_size = getattr(self.vision_config, "image_size", None) or 224
         if self.patch_size is None and vision_type in VIT_TYPES:

@@ -17,9 +17,11 @@ your own module) under `@register_connector("name")`:
 from __future__ import annotations
 
 import copy
+import importlib
 from typing import ClassVar
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from mpm.vision import blocks, blocks_used, embed, patch_features, stem
@@ -39,10 +41,21 @@ def register_connector(name: str):
 
 
 def connector_class(name: str) -> type[Connector]:
+    """The connector registered as `name`; "package.module:Class" imports that module first (so a connector defined
+    outside the project is found in any process, e.g. under torchrun or when a saved model loads)."""
+    if name not in CONNECTORS and ":" in name:
+        module, _, attribute = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"`connector_type` {name!r} cannot be imported: {exc}") from None
+        if not (isinstance(cls, type) and issubclass(cls, Connector)):
+            raise ValueError(f"`connector_type` {name!r} is not a subclass of mpm.connectors.Connector")
+        CONNECTORS[name] = cls
     if name not in CONNECTORS:
         raise ValueError(
             f"`connector_type` must be one of {sorted(CONNECTORS)}, got {name!r} (a new connector is registered "
-            "with mpm.connectors.register_connector)"
+            "with mpm.connectors.register_connector, or named as package.module:Class)"
         )
     return CONNECTORS[name]
 
@@ -262,11 +275,16 @@ class BridgeConnector(Connector):
         queries = self.queries.unsqueeze(0).expand(patches.shape[0], -1, -1).to(patches.dtype)
         hidden = torch.cat([patches, queries], 1)
         used = blocks_used(tower, config.vision_feature_layer)
+        checkpointing = self.training and getattr(blocks(tower)[0], "gradient_checkpointing", False)
         for i, layer in enumerate(blocks(tower)[:used]):
-            if hasattr(self, "experts"):
-                hidden = self._expert_layer(layer, self.experts[i], hidden, n)
+            if not hasattr(self, "experts"):
+                hidden = layer(hidden, None)  # (a GradientCheckpointingLayer: checkpointed when the tower is)
+            elif checkpointing:
+                hidden = torch.utils.checkpoint.checkpoint(
+                    self._expert_layer, layer, self.experts[i], hidden, n, use_reentrant=False
+                )
             else:
-                hidden = layer(hidden, None)
+                hidden = self._expert_layer(layer, self.experts[i], hidden, n)
         if used == len(blocks(tower)):  # the last layer's output: the tower normalises it
             hidden = tower.post_layernorm(hidden)
         return self.mlp(hidden[:, n:])

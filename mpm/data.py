@@ -25,9 +25,6 @@ from mpm.processor import Encoded, MPMProcessor, ProcessingError
 from unimm_chat import Conversation, read_conversations
 
 logger = logging.getLogger(__name__)
-# Skips of this process (each DataLoader worker has its own): the first are logged, then every 1,000th.
-SKIPPED_SAMPLES = SkipLog(logger, "sample")
-SKIPPED_CONVERSATIONS = SkipLog(logger, "conversation")
 
 
 @dataclass
@@ -69,7 +66,8 @@ class PairCaptions(IterableDataset):
 
     def __iter__(self) -> Iterator[Encoded | Skipped | Passed]:
         # without weights, the shard sets are one stream; with weights, a weighted mix of endless streams
-        bad = BadSampleCounter()
+        bad = BadSampleCounter()  # undecodable samples (the shard reader logs them sparingly)
+        skips = SkipLog(logger, "sample")  # samples that do not fit: the first ten logged, then every 1,000th
         samples = iter_samples(self.shards, self.weights, self.shuffle_buffer, self.seed, self.resampled, bad)
         # The DataLoader takes batch i from worker i % workers, so this worker made these batches before the
         # position (or more, if another worker's stream ended first: the trainer drops all of them anyway).
@@ -93,7 +91,7 @@ class PairCaptions(IterableDataset):
             try:
                 yield self.processor.encode_conversation(messages, [pair.image], self.max_length)
             except ProcessingError as exc:
-                SKIPPED_SAMPLES.record(key, str(exc))
+                skips.record(key, str(exc))
                 yield Skipped(str(exc), key)
 
 
@@ -113,6 +111,9 @@ class Conversations(Dataset):
     def __init__(self, items: list[Conversation], image_folder: str, processor: MPMProcessor, max_length: int):
         self.items = items
         self.image_folder = Path(image_folder) if image_folder else None
+        # skips counted exactly (in the batches), logged sparingly: the first ten, then one line every 1,000
+        # (each DataLoader worker logs its own)
+        self.skips = SkipLog(logger, "conversation")
         self.processor, self.max_length = processor, max_length
 
     def __len__(self) -> int:
@@ -131,13 +132,13 @@ class Conversations(Dataset):
             try:
                 images.append(open_image(path))
             except ImageError as exc:  # missing, truncated, too large or not an image: skip
-                SKIPPED_CONVERSATIONS.record(conv.id, f"image {path}: {exc}")
+                self.skips.record(conv.id, f"image {path}: {exc}")
                 return Skipped(f"unreadable image ({type(exc).__name__})", str(path))
         messages = [{"role": m.role, "content": m.content} for m in conv.messages]
         try:
             return self.processor.encode_conversation(messages, images, self.max_length)
         except ProcessingError as exc:
-            SKIPPED_CONVERSATIONS.record(conv.id, str(exc))
+            self.skips.record(conv.id, str(exc))
             return Skipped(str(exc).split(":")[0], conv.id)
 
 
@@ -175,14 +176,14 @@ class LengthGroupedSampler(Sampler[list[int]]):
         return len(self.lengths) // (self.batch_size * self.world)
 
 
-def collate(processor: MPMProcessor, items: list[Encoded | Skipped], pack_length: int | None = None) -> dict:
-    """A batch of the usable items (padded, or packed several per row when `pack_length` is given), and the list
-    of skipped ones (for the metrics)."""
+def collate(processor: MPMProcessor, items: list[Encoded | Skipped], pack: bool = False) -> dict:
+    """A batch of the usable items (padded, or packed into one row), and the list of skipped ones (for the
+    metrics)."""
     usable = [x for x in items if isinstance(x, Encoded)]
     if not usable:
         batch = {}
-    elif pack_length:
-        batch = processor.collate_packed(usable, pack_length)
+    elif pack:
+        batch = processor.collate_packed(usable)
     else:
         batch = processor.collate(usable)
     batch["samples"] = len(usable)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mpm.core.errors import ModelLoadError
+from mpm.core.errors import ModelLoadError, model_errors
 from mpm.core.images import open_image
 from mpm.modeling import MPMForConditionalGeneration
 from mpm.processor import PLAIN_CHAT_TEMPLATE, MPMProcessor, end_of_turn_ids
@@ -22,17 +22,22 @@ def load_model(path: str | os.PathLike, device: str = "auto", dtype=None, trust_
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{path}: no config.json: not a saved model folder")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"{config_file} is not a JSON object ({exc}): not a saved model folder") from None
     device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if model_type == "mpm":
-        model = MPMForConditionalGeneration.from_pretrained(path, dtype=dtype or "auto")
-        processor = MPMProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with model_errors("model", path):
+            model = MPMForConditionalGeneration.from_pretrained(path, dtype=dtype or "auto")
+            processor = MPMProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     elif model_type == "llava":
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype or "auto")
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-        processor.image_processor = pil_image_processor(path)
+        with model_errors("model", path):
+            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype or "auto")
+            processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+            processor.image_processor = pil_image_processor(path)
     else:
         raise ModelLoadError(
             f"{path} holds a {model_type!r} model, not an MPM ('mpm') or LLaVA ('llava') image-to-text checkpoint"

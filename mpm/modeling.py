@@ -145,9 +145,10 @@ class MPMForConditionalGeneration(PreTrainedModel):
 
 class AddedTokenEmbeddings(nn.Module):
     """Trainable embedding rows for the tokens the model added to the LLM's vocabulary (slice markers, image
-    delimiters), added to the output of the frozen embedding matrix: the new tokens learn in stage 1 (LLM frozen)
-    and under LoRA, at the cost of K x width parameters, while the 150k-row matrix stays frozen and out of every
-    checkpoint. `merge_into` writes them into the matrix (a tied LM head shares it)."""
+    delimiters), added to the output of the frozen embedding matrix (and, when the LM head is tied to it, to the
+    head's logits for those tokens): the new tokens learn in stage 1 (LLM frozen) and under LoRA, at the cost of
+    K x width parameters, while the 150k-row matrix stays frozen and out of every checkpoint. `merge_into` writes
+    them into the matrix."""
 
     def __init__(self, token_ids: list[int], width: int):
         super().__init__()
@@ -160,9 +161,22 @@ class AddedTokenEmbeddings(nn.Module):
         match = (input_ids.unsqueeze(-1) == self.token_ids).to(embeds.dtype)
         return embeds + match @ self.delta.to(embeds.dtype)
 
+    def attach_to_head(self, head: nn.Linear) -> None:
+        """With tied embeddings the LM head's rows for these tokens are the same rows: add the delta there too
+        (logits[..., token] += h . delta), so that training sees what `merge_into` will save."""
+        self._hook = head.register_forward_hook(self._add_to_logits)
+
+    def _add_to_logits(self, head, args, logits: torch.Tensor) -> torch.Tensor:
+        hidden = args[0]  # (B, K, D) -> extra logits (B, K, added tokens)
+        return logits.index_add(-1, self.token_ids, (hidden @ self.delta.to(hidden.dtype).T).to(logits.dtype))
+
     @torch.no_grad()
     def merge_into(self, embedding: nn.Embedding) -> None:
+        """Write the rows into the embedding matrix (a tied head shares it) and stop adding them."""
         embedding.weight[self.token_ids] += self.delta.to(embedding.weight)
+        if getattr(self, "_hook", None) is not None:
+            self._hook.remove()
+            self._hook = None
 
 
 def build_connector(config: MPMConfig) -> Connector:

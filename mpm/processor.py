@@ -208,13 +208,16 @@ class MPMProcessor:
         return upto if input_ids[: len(upto)] == upto else []
 
     def _truncate(self, input_ids, labels, pixels, per_image, max_length):
-        """Cut to max_length without cutting an image's placeholders: an image that does not fit whole is dropped,
-        with everything after it."""
-        image_id = self.config.image_token_id
-        positions = [i for i, t in enumerate(input_ids) if t == image_id]
+        """Cut to max_length without cutting an image's placeholders (or its delimiters): an image that does not
+        fit whole is dropped, with everything after it."""
+        cfg = self.config
+        positions = [i for i, t in enumerate(input_ids) if t == cfg.image_token_id]
         cut, seen, kept_tensors = max_length, 0, 0
         for n_tensors, n_tokens in per_image:
             first, last = positions[seen], positions[seen + n_tokens - 1]
+            if cfg.delimit_images:  # <image_start> just before the placeholders, <image_end> after the last slice
+                first -= 1
+                last = input_ids.index(cfg.image_end_token_id, last)
             if last >= cut:
                 cut = min(cut, first)
                 break
@@ -259,40 +262,22 @@ class MPMProcessor:
             "pixel_values": _stacked([p for x in items for p in x.pixel_values]),
         }
 
-    def collate_packed(self, items: list[Encoded], pack_length: int) -> dict:
-        """Several samples per row (first fit, in order, up to `pack_length` tokens or the longest sample), no
-        attention mask: `position_ids` restart at 0 for each sample, which tells the LLM's attention (transformers'
-        packed-sequence masks; flash-attention's variable lengths) to keep samples apart, so each sample's logits
-        and loss are what they would be alone. Padding at a row's end is a sample of its own, never attended to.
-        """
-        capacity = max(pack_length, max(len(x.input_ids) for x in items))
-        rows: list[list[Encoded]] = []
+    def collate_packed(self, items: list[Encoded]) -> dict:
+        """All samples in one row, no attention mask: `position_ids` restart at 0 for each sample, which tells the
+        LLM's attention (transformers' packed-sequence masks; flash attention's variable-length kernels, which
+        see packing only in a single row) to keep samples apart, so each sample's logits and loss are what they
+        would be alone. The first token of each sample is never a target: the previous sample's last token must
+        not predict it."""
+        ids, labels, positions = [], [], []
         for x in items:
-            row = next((r for r in rows if sum(len(y.input_ids) for y in r) + len(x.input_ids) <= capacity), None)
-            if row is None:
-                rows.append([x])
-            else:
-                row.append(x)
-        length = max(sum(len(x.input_ids) for x in row) for row in rows)
-        pad = self.tokenizer.pad_token_id
-        ids, labels, positions, pixels = [], [], [], []
-        for row in rows:
-            row_ids, row_labels, row_positions = [], [], []
-            for x in row:
-                row_ids += x.input_ids
-                # the first token of a sample is never a target: the previous sample's last token must not predict it
-                row_labels += [IGNORE_INDEX] + (x.labels or [IGNORE_INDEX] * len(x.input_ids))[1:]
-                row_positions += list(range(len(x.input_ids)))
-                pixels += x.pixel_values  # placeholder order: row by row, sample by sample
-            n = length - len(row_ids)
-            ids.append(row_ids + [pad] * n)
-            labels.append(row_labels + [IGNORE_INDEX] * n)
-            positions.append(row_positions + list(range(n)))
+            ids += x.input_ids
+            labels += [IGNORE_INDEX] + (x.labels or [IGNORE_INDEX] * len(x.input_ids))[1:]
+            positions += list(range(len(x.input_ids)))
         return {
-            "input_ids": torch.tensor(ids),
-            "labels": torch.tensor(labels),
-            "position_ids": torch.tensor(positions),
-            "pixel_values": _stacked(pixels),
+            "input_ids": torch.tensor([ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]),
+            "pixel_values": _stacked([p for x in items for p in x.pixel_values]),  # placeholder order
         }
 
 

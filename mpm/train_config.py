@@ -40,12 +40,14 @@ class ModelSection:
     max_slices: int = 9
     scale_resolution: int = 448
     delimit_images: bool | None = None  # default: on, except in the plain LLaVA layout (mlp, no slicing)
+    attn_implementation: str | None = None  # the LLM's: sdpa (transformers' default) | flash_attention_2 | eager
     trust_remote_code: bool = False
 
     def __post_init__(self):
         from mpm.connectors import CONNECTORS  # a misspelt connector is an error when the config loads
 
-        check_choice("model.connector_type", self.connector_type, sorted(CONNECTORS))
+        if ":" not in self.connector_type:  # package.module:Class is imported (and checked) when the model is built
+            check_choice("model.connector_type", self.connector_type, sorted(CONNECTORS))
 
 
 @dataclass
@@ -78,8 +80,8 @@ class EfficiencySection:
     frozen_in_compute_dtype: bool = True  # frozen weights stored in bf16/fp16 under mixed precision, not fp32
     trainable_only_checkpoints: bool = True  # intermediate checkpoints without the frozen weights (final/ is whole)
     vision_early_exit: bool = True  # the vision tower stops at the feature layer the connector reads
-    # several samples per row up to data.max_length, attention kept apart: auto (with flash attention, whose
-    # variable-length kernels make it free; sdpa/eager would compute each row's whole masked attention) | always | never
+    # a micro-batch's samples in one row, attention kept apart (no padding): auto (with flash attention, whose
+    # variable-length kernels make it free; sdpa/eager would compute the row's whole masked attention) | always | never
     pack_sequences: str = "auto"
     supervised_logits_only: bool = True  # the LM head runs only where the next token is supervised
 

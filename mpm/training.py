@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mpm.core.errors import ModelLoadError
+from mpm.core.errors import ModelLoadError, model_errors
 from mpm.modeling import AddedTokenEmbeddings, MPMForConditionalGeneration
 from mpm.processor import MPMProcessor
 from mpm.train_config import ModelSection, TrainSection
@@ -20,14 +20,24 @@ logger = logging.getLogger(__name__)
 
 
 def build_model(cfg: ModelSection) -> tuple[MPMForConditionalGeneration, MPMProcessor]:
-    """From an MPM checkpoint (`init_from`), or from pretrained parts and a new connector."""
+    """From an MPM checkpoint (`init_from`), or from pretrained parts and a new connector; the LLM's attention
+    implementation set when `attn_implementation` is given."""
+    model, processor = _load_or_assemble(cfg)
+    if cfg.attn_implementation:
+        with model_errors("model.attn_implementation", cfg.attn_implementation):
+            model.language_model.set_attn_implementation(cfg.attn_implementation)
+    return model, processor
+
+
+def _load_or_assemble(cfg: ModelSection) -> tuple[MPMForConditionalGeneration, MPMProcessor]:
     if cfg.init_from:
         folder = Path(cfg.init_from)
         config_file = folder / "config.json"
         model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
         if model_type != "mpm":
             raise ModelLoadError(f"model.init_from {folder} holds a {model_type!r} model, not an MPM checkpoint")
-        return MPMForConditionalGeneration.from_pretrained(folder), MPMProcessor.from_pretrained(folder)
+        with model_errors("model.init_from", folder):
+            return MPMForConditionalGeneration.from_pretrained(folder), MPMProcessor.from_pretrained(folder)
     try:
         return MPMForConditionalGeneration.from_parts(
             cfg.vision,
@@ -46,8 +56,10 @@ def mpm_settings(cfg: ModelSection) -> dict:
     settings = {
         k: v for k, v in vars(cfg).items() if k not in ("vision", "llm", "tokenizer", "init_from", "trust_remote_code")
     }
-    if settings["image_size"] is None:  # the vision tower's own size
-        settings.pop("image_size")
+    for key in ("image_size", "delimit_images", "attn_implementation"):  # None: from_parts' default
+        if settings[key] is None:
+            settings.pop(key)
+    settings.pop("attn_implementation", None)  # not an MPMConfig field: set on the LLM (build_model)
     return settings
 
 
@@ -75,6 +87,10 @@ def set_trainable(model: MPMForConditionalGeneration, cfg: TrainSection, shards_
     elif new_tokens and cfg.train_new_token_embeddings and (not cfg.llm_trainable or cfg.lora.enabled):
         width = model.get_input_embeddings().weight.shape[1]
         model.added_token_embeddings = AddedTokenEmbeddings(new_tokens, width)
+        head = model.language_model.get_output_embeddings()
+        if head is not None and head.weight is model.get_input_embeddings().weight:
+            # tied: the head's rows for these tokens are the same rows, so they train there too (what is merged)
+            model.added_token_embeddings.attach_to_head(head)
     # The connector and the new token rows learn from scratch: the connector's rate.
     fresh = ("connector.", "added_token_embeddings.")
     connector = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(fresh)]
@@ -96,9 +112,13 @@ def added_token_ids(model: MPMForConditionalGeneration) -> list[int]:
 def store_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Frozen weights in the compute dtype (bf16 / fp16): autocast would cast them on every step anyway, and a
     frozen 7B LLM takes half the memory. Trainable weights stay fp32 for the optimizer; buffers (rotary
-    frequencies, batch-norm statistics) keep their precision."""
+    frequencies, batch-norm statistics) keep their precision, and so do batch norms' own weights (batch_norm
+    refuses bf16 weights beside fp32 running statistics)."""
+    norms = {
+        id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for p in m.parameters()
+    }
     for param in model.parameters():
-        if not param.requires_grad and param.is_floating_point():
+        if not param.requires_grad and param.is_floating_point() and id(param) not in norms:
             param.data = param.data.to(dtype)
 
 
@@ -140,6 +160,9 @@ def save_final(
     tmp = folder.with_name(f".tmp-{folder.name}")
     if write:
         shutil.rmtree(tmp, ignore_errors=True)
+    # Frozen parts were kept in the compute dtype during training: the saved model has one dtype, fp32, and the
+    # merges below happen in it (LoRA's small updates would be rounded away in bf16).
+    model.float()
     lm = model.language_model
     if hasattr(lm, "merge_and_unload"):
         if write:
@@ -150,8 +173,6 @@ def save_final(
         model.added_token_embeddings.merge_into(model.get_input_embeddings())
         model.added_token_embeddings = None
         state_dict = None
-    # Frozen parts were kept in the compute dtype during training: the saved model has one dtype, fp32.
-    model.float()
     if state_dict is not None:
         state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     if write:

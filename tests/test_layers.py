@@ -29,14 +29,30 @@ ALLOWED = {
 }  # fmt: skip
 
 
-def imports(path: Path) -> list[tuple[int, str]]:
-    """(line, imported name) for every import in a file, `from a.b import c` giving "a.b.c"."""
+def imports(path: Path, module: str | None = None) -> list[tuple[int, str]]:
+    """(line, imported name) for every import in a file (module `module`, by default its path's), `from a.b import
+    c` giving "a.b.c"; relative imports resolved against its package, and `importlib.import_module("a.b")` calls
+    with a literal name too."""
+    package = (module or module_of(path)).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # from ..x import y, inside package a.b.c: a.b.x.y
+                base = ".".join([*package[: len(package) - node.level + 1], *([base] if base else [])])
+            found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            found.append((node.lineno, node.args[0].value))
     return found
 
 
@@ -65,6 +81,8 @@ def allowed(importer: str, name: str) -> bool:
     source = importer.split(".")[0]
     if target == source:
         return True
+    if any(part.startswith("_") for part in name.split(".")[1:]):
+        return False  # another package's private names are its internals
     return any(name == rule or name.startswith(rule + ".") for rule in ALLOWED[source])
 
 
@@ -92,10 +110,20 @@ def test_every_import_follows_the_layers():
         ("unimm_chat.build", "mpm.cli.main", False),
         ("unimm_chat.translate", "dataproc.translate.HFTranslator", True),
         ("t2i.pipeline", "mpm.recipes.i2t.train", False),
+        ("mpm.data", "dataproc.shards._pipeline", False),
+        ("mpm.core.runs", "mpm.core.errors.ConfigError", True),
     ],
 )
 def test_the_rule_itself(importer, name, ok):
     assert allowed(importer, name) is ok
+
+
+def test_relative_and_dynamic_imports_are_seen(tmp_path):
+    probe = tmp_path / "probe.py"  # as if it were mpm/core/probe.py
+    probe.write_text("from ..cli import main\nimport importlib\nimportlib.import_module('dataproc.sharder')\n")
+    names = [name for _, name in imports(probe, "mpm.core.probe")]
+    assert names == ["mpm.cli.main", "importlib", "dataproc.sharder"]
+    assert not any(allowed("mpm.core.probe", n) for n in ("mpm.cli.main", "dataproc.sharder"))
 
 
 def test_building_the_parser_loads_neither_torch_nor_transformers():

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from mpm.core.config import save_config
 from mpm.core.errors import EndpointError
-from mpm.core.files import atomic_write_json
+from mpm.core.files import atomic_write_json, output_folder
 from mpm.core.http import LLMError, ResponseCache
 from unimm_chat.config import BuildConfig
 from unimm_chat.conversations import Conversation, write_hf_dataset, write_llava_json, write_unimm_jsonl
@@ -69,8 +69,7 @@ class _Tally:
 def build(cfg: BuildConfig, show_progress: bool = True) -> dict[str, Any]:
     """Run the whole build; returns the stats also written to `{output}/stats.json`."""
     cfg.check_required()
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(cfg.output, "output")
     save_config(cfg, out / "config.yaml")
     timings: dict[str, float] = {}
     started = time.perf_counter()

@@ -50,6 +50,8 @@ class OpenAIConfig:
     def __post_init__(self):
         check_range("openai.concurrency", self.concurrency, 1)
         check_range("openai.retries", self.retries, 0)
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"`openai.base_url` must start with http:// or https://, got {self.base_url!r}")
 
 
 @dataclass

@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import Iterator
 
+from mpm.core.errors import model_errors
 from mpm.core.http import ChatClient, LLMError, ResponseCache
 from unimm_chat.config import HFGeneratorConfig, OpenAIConfig
 from unimm_chat.conversations import FROM_TO_ROLE, IMAGE_TOKEN, Conversation, Message
@@ -162,13 +163,15 @@ class HFGenerator:
         self.cfg, self.build, self.cache = cfg, build, cache
         self.torch = torch
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        with model_errors("hf.model", cfg.model):
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                cfg.model, dtype="auto", trust_remote_code=cfg.trust_remote_code
+            )
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(
-            cfg.model, dtype="auto", trust_remote_code=cfg.trust_remote_code
-        ).to(device)
+        self.model.to(device)
         self.model.eval()
         self.device = device
 

@@ -12,8 +12,10 @@ Every phrasing comes from a pool and is drawn with a random generator seeded by 
 reproducible and an image's dialogue does not depend on the others. Each template used is recorded as a
 "phrasing pattern" (`slot:index`) for the stats' diversity report; a human's own wording used verbatim (a
 VisDial answer, a caption that is already a sentence) is not a template and is not counted. Annotator text spliced
-into a sentence keeps its case unless its first word is a closed-class word ("I also notice a living room", but
-"I also notice NASA's rocket"; see `closed_class.py`).
+into a sentence keeps its case unless its first word is a closed-class word ("I also notice a living room"; see
+`closed_class.py`). Text whose capitalised first word is not closed-class may be a name ("Obama", "NASA") or a
+common noun that started the annotator's sentence ("Man riding a horse"), so it only goes where a sentence starts or
+after a colon ("Man riding a horse on a beach.", "Also visible: Obama at a podium."), never "I see Man riding ...".
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ OPENERS = [
 DESCRIBE_NP = [
     "This image shows {np}.", "In this picture, I can see {np}.", "The photo shows {np}.", "It's a picture of {np}.",
     "Here we have {np}.", "{NP}.", "This looks like {np}.", "The image captures {np}.", "What we see here is {np}.",
-    "I see {np}.",
+    "I see {np}.", "Here's what I see: {np}.", "{NP}, by the look of it.", "{NP}, from what I can tell.",
 ]  # fmt: skip
 EXTRA_NP = [
     "You can also see {np}.", "There's also {np}.", "I also notice {np}.", "In addition, there's {np}.",
     "On top of that, there's {np}.", "Another detail: {np}.", "Nearby, there's {np}.", "It also shows {np}.",
-    "There also appears to be {np}.", "Looking closer, there's {np}.",
+    "There also appears to be {np}.", "Looking closer, there's {np}.", "Also visible: {np}.",
+    "Also in the picture: {np}.", "One more thing: {np}.",
 ]  # fmt: skip
 EXTRA_SENTENCE = [
     "Also, {s}",
@@ -55,6 +58,8 @@ EXTRA_SENTENCE = [
     "On top of that, {s}",
     "In addition, {s}",
     "{S}",
+    "One more detail: {s}",
+    "Also worth mentioning: {s}",
 ]
 LEAD_INS = [
     "Also, ", "And ", "One more thing: ", "I'm curious, ", "Quick question: ", "Okay, ", "Interesting. ", "Thanks! ",
@@ -192,6 +197,9 @@ NO_ECHO = [
     "No, {echo}.", "Nope, {echo}.", "No, {echo}, from what I can see.", "No, {echo}, as far as I can tell.",
     "No, I'm afraid {echo}.", "No, {echo}, I'm fairly sure.",
 ]  # fmt: skip
+# When the echo's subject is the assistant ("Can you see a dog?" "Yes, I can."), only the entries that end with it:
+# "Yes, I can, from what I can see." hedges a claim about its own sight.
+PLAIN_ECHO = re.compile(r"\{echo\}\.$")
 YES_NO_ECHO_RATE = 0.35  # the rest use the general YES / NO pools
 # Singular -> plural wording, for colour/brand/text questions about several things ("What color are the walls?"
 # "They're white."); the templates above are written in the singular.
@@ -212,7 +220,7 @@ WHY_FOLLOW_UP = [
 ]  # fmt: skip
 RATIONALE = [
     "{R}", "Because {r}", "Well, {r}", "Mainly because {r}", "The clue is that {r}", "It's because {r}",
-    "Here's why: {r}", "{R} That's what gives it away.",
+    "Here's why: {r}", "{R} That's what gives it away.", "My reasoning: {r}",
 ]  # fmt: skip
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
@@ -227,9 +235,21 @@ _SENTENCE = re.compile(
 _WORDS = re.compile(r"[a-z]+")
 # Question kinds (matched on the lower-cased question), each answered from its own pool; see `classify`.
 _COLOUR_Q = re.compile(r"^(what|which) colou?rs?\b")
-_SAYS_Q = re.compile(r"^(what|which)\b.*\b(say|says|read|reads|written|spell|spells)\b|^what (word|words|letters?)\b")
-_TIME_Q = re.compile(r"^what (time|year|month|day|season|decade|century)\b|\btime of (the )?(day|year)\b")
-_BRAND_Q = re.compile(r"^(what|which)\b.*\b(brand|company|make|manufacturer|airline|logo)\b")
+# Something written: "What does the sign say?", "What is written on the bus?", "What do you think it reads?"; not
+# "What would you say this room is?" or "What does this say about the artist?".
+_SAYS_Q = re.compile(
+    r"^(what|which)\b(?!.*\byou(?:'d| would| might| could| can)? say\b)(?!.*\b(?:say|says|said) about\b)"
+    r"(?:.*\b(?:does|do|did)\b.*\b(?:say|read|spell)\b|.*\b(?:says|reads|spells|written)\b)"
+    r"|^what (word|words|letters?)\b"
+)
+# The question asks for the time ("What time of day is it?", "When was this taken?"), not "What is the man doing at
+# this time of day?".
+_TIME_Q = re.compile(
+    r"^(what|which) (time|year|month|day|season|decade|century)\b|^(what|which)(?: is|'s) the (time|year|month|season)\b"
+    r"|^when\b.*\b(taken|shot)\b"
+)
+# "make" only as a noun ("What make is the car?", "What is the make of this car?"), not "What sound does it make?".
+_BRAND_Q = re.compile(r"^(what|which)\b(?:.*\b(brand|company|manufacturer|airline|logo)\b|(?:.*\bthe)? make\b)")
 _SPORT_Q = re.compile(r"^(what|which) (sport|game)s?\b|^(what|which)\b.*\bsport\b")
 _KIND_Q = re.compile(r"^(what|which) (kinds?|types?|breed|species|style|sort|flavou?r|variety|model)\b")
 _DOING_Q = re.compile(r"\bdoing\b")
@@ -257,7 +277,7 @@ _AUX = (
     "would",
     "should",
 )
-_LOWERABLE = set(_AUX) | {"what", "which", "who", "whose", "where", "when", "why", "how", "does", "any", "in", "on"}
+_LOWERABLE = set(_AUX) | CLOSED_CLASS_WORDS | {"how", "why"}  # "Okay, anything else?"
 
 
 def lower_first(text: str) -> str:
@@ -280,6 +300,18 @@ def mid_sentence(text: str) -> str:
     return text
 
 
+def starts_sentence_only(text: str) -> bool:
+    """Must annotator text start a sentence (or follow a colon)? Yes when its first word is capitalised and stays so
+    mid-sentence ("Obama", "NASA", "Man riding a horse", "People use umbrellas"): it may be a name, so it is not
+    lowered, and a capital after other words reads as a mistake. "I" and lowered closed-class words go anywhere."""
+    return text[:1].isupper() and mid_sentence(text) == text and re.match(r"I\b", text) is None
+
+
+def sentence_initial(template: str) -> bool:
+    """Does the template's field start a sentence ("{NP}.", "{S}") or follow a colon ("Here's why: {r}")?"""
+    return template.startswith("{") or re.search(r": \{[a-z]+\}", template) is not None
+
+
 def upper_first(text: str) -> str:
     return text[:1].upper() + text[1:]
 
@@ -290,7 +322,12 @@ def as_question(question: str) -> str:
 
 
 def as_sentence(text: str) -> str:
-    text = upper_first(text.strip())
+    return upper_first(full_stop(text))
+
+
+def full_stop(text: str) -> str:
+    """'a man is surfing' -> 'a man is surfing.': the case is left to `splice`."""
+    text = text.strip()
     return text if text[-1:] in ".!?。！？" else text + "."
 
 
@@ -404,8 +441,11 @@ class TemplateGenerator:
         self.max_turns = max_turns  # user-assistant exchanges, the description and "why?" follow-ups included
         self.min_vqa_agreement = min_vqa_agreement
 
-    def _pick(self, rng: random.Random, slot: str, pool: list[str], patterns: set[str]) -> str:
-        index = rng.randrange(len(pool))
+    def _pick(self, rng: random.Random, slot: str, pool: list[str], patterns: set[str], fits=None) -> str:
+        """A template from `pool`, only among those `fits(template)` accepts when given; recorded as `slot:index`
+        (its index in the whole pool)."""
+        indices = range(len(pool)) if fits is None else [i for i, template in enumerate(pool) if fits(template)]
+        index = indices[rng.randrange(len(indices))]
         patterns.add(f"{slot}:{index}")
         return pool[index]
 
@@ -433,10 +473,15 @@ class TemplateGenerator:
         if _SENTENCE.search(text):
             if sentence_pool is None:
                 return as_sentence(text)  # already a sentence: the annotator's own words
-            template = self._pick(rng, f"{slot}_sentence", sentence_pool, patterns)
-            return splice(template, s=as_sentence(text))
-        template = self._pick(rng, slot, np_pool, patterns)
+            template = self._pick(rng, f"{slot}_sentence", sentence_pool, patterns, self._fits(text))
+            return splice(template, s=full_stop(text))
+        template = self._pick(rng, slot, np_pool, patterns, self._fits(text))
         return splice(template, np=text)
+
+    @staticmethod
+    def _fits(text: str):
+        """The templates annotator text may go into: all, or only sentence-initial ones (`starts_sentence_only`)."""
+        return sentence_initial if starts_sentence_only(text) else None
 
     # 2. questions and answers ---------------------------------------------------------------------------------
     def ask(self, question: str, first: bool, rng: random.Random, patterns: set[str]) -> str:
@@ -456,7 +501,8 @@ class TemplateGenerator:
             echo = yes_no_echo(qa.question, kind.kind)
             if echo and not hedge and rng.random() < YES_NO_ECHO_RATE:  # "Is there a dog?" "Yes, there is."
                 pool = YES_ECHO if kind.kind == "yes" else NO_ECHO
-                return self._pick(rng, f"{kind.kind}_echo", pool, patterns).format(echo=echo)
+                fits = PLAIN_ECHO.search if echo.startswith("I ") else None  # "Yes, I can.", not "..., clearly."
+                return self._pick(rng, f"{kind.kind}_echo", pool, patterns, fits).format(echo=echo)
             pool = {"yes": YES_HEDGED if hedge else YES, "no": NO_HEDGED if hedge else NO}[kind.kind]
             return self._pick(rng, f"{kind.kind}{'_hedged' if hedge else ''}", pool, patterns)
         if kind.kind == "verbatim":
@@ -490,8 +536,9 @@ class TemplateGenerator:
         return splice(template, a=kind.value)
 
     def explain(self, rationale: str, rng: random.Random, patterns: set[str]) -> str:
-        template = self._pick(rng, "rationale", RATIONALE, patterns)
-        return splice(template, r=as_sentence(rationale.strip()))
+        rationale = full_stop(rationale)
+        template = self._pick(rng, "rationale", RATIONALE, patterns, self._fits(rationale))
+        return splice(template, r=rationale)
 
     # the whole dialogue ---------------------------------------------------------------------------------------
     def select(self, record: ImageRecord, rng: random.Random) -> list[QA]:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from dataproc.langid import LanguageIdentifier
 from dataproc.translate import LANGID_ALIASES, EndpointTranslator, HFTranslator, TranslationError
 from mpm.core.config import save_config
-from mpm.core.files import atomic_write_json
+from mpm.core.files import atomic_write_json, output_folder
 from mpm.core.http import ChatClient, ResponseCache
 from unimm_chat.config import TranslateConfig
 from unimm_chat.conversations import IMAGE_TOKEN, Conversation, Message, read_conversations, write_llava_json
@@ -73,7 +73,7 @@ def make_backend(cfg: TranslateConfig):
 def translate(cfg: TranslateConfig, show_progress: bool = True) -> dict[str, Any]:
     cfg.check_required()
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out, "output")
     save_config(cfg, out / "translate_config.yaml")
     conversations = list(read_conversations(cfg.input))
     cache = ResponseCache(out / "cache.sqlite")

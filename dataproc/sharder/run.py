@@ -33,7 +33,7 @@ from dataproc.sharder.worker import ShardTask, staged_paths
 from dataproc.sharder.writer import apply_retry, finalize_shard, read_staged
 from mpm.core.config import diff_configs, load_config, save_config
 from mpm.core.errors import ConfigError
-from mpm.core.files import atomic_write_json, remove_temporaries
+from mpm.core.files import atomic_write_json, output_folder, remove_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _our_files(out: Path) -> list[Path]:
 
 
 def _prepare_output(out: Path, cfg: ShardConfig, files: list[str]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out, "output.path")
     if cfg.output.mode == "overwrite":
         for path in _our_files(out):
             path.unlink()

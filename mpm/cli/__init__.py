@@ -35,7 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Overrides may come after flags (`--processes 2 resize.image_size=384 --threads 4`): argparse stops filling a
+    # positional list at the first flag, so the words it leaves over are added to it here.
+    args, extra = build_parser().parse_known_args(argv)
+    unknown = [w for w in extra if w.startswith("-")]
+    if unknown or (extra and not hasattr(args, "words")):
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    args.words = [*args.words, *extra]
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

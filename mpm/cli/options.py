@@ -58,7 +58,7 @@ def add_command(
     words = "KEY=VALUE" if positional is None else f"{positional[0].upper()} | KEY=VALUE"
     help_text = "dotted config overrides, e.g. a.b=1" + ("" if positional is None else f"; {positional[1]}")
     p.add_argument("words", nargs="*", metavar=words, help=help_text)
-    p.set_defaults(handler=handler, flag_table=list(flags), positional=positional)
+    p.set_defaults(handler=handler, flag_table=list(flags), positional=positional, command_parser=p)
     return p
 
 
@@ -76,7 +76,8 @@ def load_command_config(schema: type, args: argparse.Namespace, extra_flags: dic
         overrides, rest = split_words(schema, args.words)
         if len(rest) > 1:
             raise ConfigError(
-                f"expected one {args.positional[0]}, got {len(rest)} words {rest}: quote a message that has spaces"
+                f"expected one {args.positional[0]}, got {len(rest)} words {rest} (quote a value that has spaces; "
+                "overrides look like key.sub=value with a key of this command's config)"
             )
         if rest:
             flags[args.positional[0]] = rest[0]

@@ -41,11 +41,32 @@ def _merge(base, layer, source: str):
     except OmegaConfBaseException as exc:
         key = _full_key(exc)
         where = f"key '{key}'" if key else "a key"
-        raise ConfigError(f"{source}: {where} is invalid: {_first_line(exc)}") from None
-    except TypeError:  # OmegaConf: `list.0=x` on a list-typed key ("Cannot merge incompatible container types")
-        raise ConfigError(
-            f"{source}: cannot set one item of a list; give the whole list, e.g. filters.languages=[en,de]"
-        ) from None
+        hint = " (this key takes a list: write [a, b], or [a] for one item)" if "ListConfig" in str(exc) else ""
+        raise ConfigError(f"{source}: {where} is invalid: {_first_line(exc)}{hint}") from None
+    except TypeError:  # OmegaConf: a list where a section is, or the reverse (`key.0=x` on a list, ...)
+        key, wanted = _container_mismatch(OmegaConf.to_container(base), OmegaConf.to_container(layer))
+        if wanted == "list":
+            what = "a list: give the whole list, e.g. key=[a,b] (one item of it cannot be set alone)"
+        else:
+            what = "a section of key: value pairs"
+        raise ConfigError(f"{source}: key '{key}' takes {what}") from None
+
+
+def _container_mismatch(base, layer, prefix: str = "") -> tuple[str, str]:
+    """(dotted key, "list" or "section") of the first place where `layer` puts a list where `base` has a section,
+    or the reverse."""
+    if isinstance(base, dict) and isinstance(layer, dict):
+        for key, value in layer.items():
+            if key in base:
+                found = _container_mismatch(base[key], value, f"{prefix}{key}.")
+                if found[0]:
+                    return found
+        return "", ""
+    if isinstance(base, list) and not isinstance(layer, list):
+        return prefix[:-1], "list"
+    if isinstance(base, dict) and not isinstance(layer, dict):
+        return prefix[:-1], "section"
+    return "", ""
 
 
 def nest_flat(flat: Mapping[str, Any]) -> dict:

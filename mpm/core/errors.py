@@ -7,6 +7,9 @@ own cases (a malformed annotation file is a `DataError`), so callers catch the k
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class UserError(Exception):
     """Something the user gave is wrong; the message says what and how to fix it."""
@@ -30,3 +33,14 @@ class EndpointError(UserError):
 
 class ExportError(UserError, ValueError):
     """A checkpoint cannot be written in the format asked for; the message says why."""
+
+
+@contextmanager
+def model_errors(key: str, value) -> Iterator[None]:
+    """Errors while loading the model that config key `key` names become a one-line `ModelLoadError`: transformers
+    raises OSError (no such folder or hub id, no weights) or ValueError (an unknown or unreadable config)."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load {key}={str(value)!r}: {first}") from None

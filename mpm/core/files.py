@@ -9,6 +9,19 @@ from pathlib import Path
 from typing import Any
 
 
+def output_folder(path: str | os.PathLike, key: str) -> Path:
+    """Create the output folder that config key `key` names (and its parents); a file in the way is a ConfigError
+    naming the key, not a traceback."""
+    from mpm.core.errors import ConfigError
+
+    path = Path(path)
+    blocking = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"{key} {str(path)!r}: {str(blocking)!r} is a file, not a folder; choose another path")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`."""
     path = Path(path)

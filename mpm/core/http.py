@@ -23,6 +23,8 @@ from typing import Any
 
 import urllib3
 
+from mpm.core.errors import ConfigError
+
 RETRY_STATUSES = (408, 409, 429, 500, 502, 503, 504)
 
 
@@ -83,7 +85,7 @@ class ChatClient:
         max_tokens: int = 1024,
     ):
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"`base_url` must start with http:// or https://, got {base_url!r}")
+            raise ConfigError(f"the endpoint URL (base_url) must start with http:// or https://, got {base_url!r}")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s

@@ -14,6 +14,7 @@ exactly where the killed one was (same batches, same weights). Launch on several
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +31,7 @@ from transformers import get_cosine_schedule_with_warmup
 from dataproc.shards import shard_urls
 from mpm.core.config import config_to_dict
 from mpm.core.errors import ConfigError
+from mpm.core.files import output_folder
 from mpm.core.runs import Checkpoints, Metrics, check_resume
 from mpm.data import Conversations, LengthGroupedSampler, PairCaptions, collate, read_all, to_device
 from mpm.modeling import MPMForConditionalGeneration
@@ -72,7 +74,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
     if t.lora.enabled and sharded:
         raise ConfigError("train.lora needs whole weights to merge: use DDP or DeepSpeed ZeRO-2, not FSDP / ZeRO-3")
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        output_folder(out, "train.output_dir")
         check_resume(out, cfg, RESUMABLE)
     accelerator.wait_for_everyone()
     set_seed(t.seed)
@@ -91,21 +93,8 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
     model, processor = build_model(cfg.model)
     model.vision_early_exit = speed.vision_early_exit
     groups = set_trainable(model, t, sharded)
-    if t.mixed_precision != "no" and speed.frozen_in_compute_dtype:
+    if speed.frozen_in_compute_dtype and accelerator.native_amp:  # (accelerate runs fp16 on a CPU without autocast)
         store_frozen_in(model, COMPUTE_DTYPES[t.mixed_precision])
-    # Packing (several samples per row, position ids restarting) pays with variable-length attention kernels
-    # (flash attention: a row costs what its samples cost alone); sdpa / eager compute a row's whole masked
-    # attention matrix, and on the stage-1 benchmark packing was then slower. "auto" packs with flash attention only.
-    pack_length = None
-    attention = model.config.text_config._attn_implementation or "eager"
-    if speed.pack_sequences == "always" or (speed.pack_sequences == "auto" and "flash" in attention):
-        if packing_keeps_samples_apart(model.language_model):
-            pack_length = d.max_length
-        else:
-            logger.warning(
-                "the LLM's attention (%s) does not keep samples apart when they share a row: training without "
-                "packing (train.efficiency.pack_sequences)", attention,
-            )  # fmt: skip
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # Checkpoints keep the trainable weights and every buffer (a trained tower's batch-norm statistics); frozen
@@ -117,6 +106,13 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
     scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for g in groups for p in g["params"]]
+    if accelerator.gradient_accumulation_steps != t.grad_accum:  # an environment variable or DeepSpeed file won
+        raise ConfigError(
+            f"accelerate accumulates {accelerator.gradient_accumulation_steps} micro-batches but train.grad_accum is "
+            f"{t.grad_accum}: set the same number in both (ACCELERATE_GRADIENT_ACCUMULATION_STEPS, the DeepSpeed "
+            "config's gradient_accumulation_steps)"
+        )
+    pack = packs(accelerator.unwrap_model(model), speed.pack_sequences)
 
     # 4. Resume: weights, optimizer, scheduler, RNG, and where in the data we were ---------------------------------
     checkpoints = Checkpoints(out, t.keep_last, keep)
@@ -132,7 +128,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
 
     # 5. The loop ----------------------------------------------------------------------------------------------
     conversations = Conversations(items, d.image_folder, processor, d.max_length) if t.stage == "sft" else None
-    stream = _micro_batches(cfg, processor, accelerator, epoch, consumed, conversations, pack_length)
+    stream = _micro_batches(cfg, processor, accelerator, epoch, consumed, conversations, pack)
     metrics = Metrics(out, accelerator, resumed_at=step if latest is not None else None)
     filler = processor.collate([processor.encode_conversation(FILLER, [])])
     # This process's counts since the last log. A resumed run's main process starts with every process's counts
@@ -182,7 +178,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
                 tally["micro"] += 1
                 tally["samples"] += samples
         with warnings.catch_warnings():  # a run whose first steps had nothing usable has not stepped AdamW yet
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             scheduler.step()
         step += 1
         bar.update()
@@ -247,24 +243,44 @@ def nll_sum(model, batch: dict, supervised_logits_only: bool) -> tuple[torch.Ten
     """
     labels = batch["labels"]
     targets = labels[:, 1:]  # (B, T-1)
-    if supervised_logits_only:
-        keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (K,) positions
-    else:
-        keep = torch.arange(targets.shape[1], device=labels.device)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     # no KV cache in training: it costs memory, and transformers only keeps packed samples apart without one
-    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
+    if supervised_logits_only:
+        keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (K,) positions
+        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
+        targets = targets[:, keep]
+    else:
+        logits = model(**inputs, use_cache=False).logits[:, :-1]  # (B, T-1, V)
     nll = torch.nn.functional.cross_entropy(
-        logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return nll, int((targets != IGNORE_INDEX).sum())
+    return nll, int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def packs(model, setting: str) -> bool:
+    """Whether micro-batches are packed (`train.efficiency.pack_sequences`). A packed micro-batch is ONE row:
+    transformers keeps packed samples apart in flash attention only in a single row, and the LM head then runs
+    at exactly the supervised positions. `auto` packs with flash attention only, whose variable-length kernels
+    make a long row cost what its samples cost alone; sdpa and eager compute the row's whole masked attention
+    matrix (slower on the stage-1 benchmark), so they pack only with `always`."""
+    attention = model.config.text_config._attn_implementation or "eager"
+    if setting == "never" or (setting == "auto" and "flash" not in attention):
+        return False
+    if packing_keeps_samples_apart(model.language_model):
+        return True
+    logger.warning(
+        "the LLM's attention (%s) does not keep samples apart when they share a row: training without packing "
+        "(train.efficiency.pack_sequences)", attention,
+    )  # fmt: skip
+    return False
 
 
 @torch.no_grad()
 def packing_keeps_samples_apart(lm: torch.nn.Module) -> bool:
     """Does the LLM's attention keep two samples apart when they share a row with position ids restarting at 0
-    (as transformers' packed-sequence masks and flash-attention do)? Checked on 8 tokens: the second sample's
-    logits must be those it has alone. Older or custom attention code that ignores it would mix samples."""
+    (as transformers' packed-sequence masks and flash-attention do)? Checked on 8 tokens on the model's own device
+    (after `prepare`: flash kernels run on GPUs only): the second sample's logits must be those it has alone.
+    Older or custom attention code that ignores it would mix samples."""
     param = next(lm.parameters())
     vocab = lm.get_input_embeddings().weight.shape[0]
     ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(param.device)
@@ -280,12 +296,12 @@ def packing_keeps_samples_apart(lm: torch.nn.Module) -> bool:
     return bool((a - b).abs().max() <= 1e-2 * b.abs().max() + 1e-4)
 
 
-def _micro_batches(cfg, processor, accelerator, epoch: int, consumed: int, conversations, pack_length):
+def _micro_batches(cfg, processor, accelerator, epoch: int, consumed: int, conversations, pack: bool):
     """This process's micro-batches from the data position (epoch, batches consumed in it) on, endlessly, each with
     the position after it. A pass that gives no batch, or no usable sample, is an error: the data is broken."""
     epoch_usable = 0 if consumed == 0 else None  # usable micro-batches in an epoch this run sees whole
     while True:
-        for batch in _batches(cfg, processor, accelerator, epoch, consumed, conversations, pack_length):
+        for batch in _batches(cfg, processor, accelerator, epoch, consumed, conversations, pack):
             consumed += 1
             if epoch_usable is not None and "input_ids" in batch:
                 epoch_usable += 1
@@ -300,12 +316,12 @@ def _micro_batches(cfg, processor, accelerator, epoch: int, consumed: int, conve
         epoch, consumed, epoch_usable = epoch + 1, 0, 0
 
 
-def _batches(cfg: TrainConfig, processor, accelerator, epoch: int, skip: int, conversations, pack_length):
+def _batches(cfg: TrainConfig, processor, accelerator, epoch: int, skip: int, conversations, pack: bool):
     """The micro-batches of one epoch for this rank, from batch number `skip` on (the data position to resume)."""
     t, d = cfg.train, cfg.data
     workers = {
         "num_workers": d.num_workers,
-        "collate_fn": partial(collate, processor, pack_length=pack_length),
+        "collate_fn": partial(collate, processor, pack=pack),
         # The loader's own generator (workers' seeds) leaves the global RNG alone: dropout masks after a resume
         # are then the same as in an uninterrupted run.
         "generator": torch.Generator().manual_seed(t.seed * 1000 + epoch),

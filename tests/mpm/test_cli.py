@@ -84,3 +84,56 @@ def test_print_config_shows_flags_and_overrides(capsys):
     )
     out = capsys.readouterr().out
     assert "image_size: 300" in out and "url_col: URL" in out and "- zh" in out
+
+
+def test_version_and_print_config_of_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("mpm-toolkit ")
+    for command in (["data", "stats", "some/folder"], ["data", "synth", "--num-samples", "7"], ["unimm", "synth"],
+                    ["chat", "--model", "m", "--image", "a.png", "--image", "b.png", "hi"], ["export", "llava"]):  # fmt: skip
+        assert main([*command, "--print-config"]) == 0
+        out = capsys.readouterr().out
+        assert out and "error" not in out
+    assert main(["chat", "--model", "m", "--image", "a.png", "--image", "b.png", "hi", "--print-config"]) == 0
+    assert "- a.png\n- b.png" in capsys.readouterr().out  # a repeated flag fills a list key
+
+
+def test_words_are_overrides_only_when_they_name_a_config_key(capsys):
+    assert main(["chat", "--model", "m", "x=1?", "max_new_tokens=5", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt: x=1?" in out and "max_new_tokens: 5" in out
+    assert main(["data", "stats", "folder=shards/", "--print-config"]) == 0
+    assert "folder: shards/" in capsys.readouterr().out
+    assert main(["chat", "--model", "m", "two", "words"]) == 2
+    assert "expected one prompt, got 2 words" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_flags_and_unknown_flags_are_refused(capsys):
+    args = ["data", "shard", "--input", "x", "resize.image_size=300", "--processes", "2", "filters.min_image_size=5"]
+    assert main([*args, "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "image_size: 300" in out and "min_image_size: 5" in out and "processes: 2" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "shard", "--input", "x", "--bogus"])
+    assert (
+        exit_info.value.code == 2
+        and "mpm data shard: error: unrecognized arguments: --bogus" in capsys.readouterr().err
+    )
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("")
+    assert main(["unimm", "build", "--coco-captions", "x.json", "--output", str(tmp_path / "afile" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file, not a folder" in err
+    assert main(["unimm", "translate", "--input", "c.json", "--langs", "de", "--backend", "openai", "--model", "m",
+                 "--base-url", "ftp://x", "--output", str(tmp_path / "t")]) == 2  # fmt: skip
+    assert "`openai.base_url` must start with http:// or https://" in capsys.readouterr().err
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("dataproc.synthetic.write_pairs", broken)
+    with pytest.raises(RuntimeError, match="a bug"):  # not a UserError: the traceback is the user's bug report
+        main(["data", "synth", "--output", str(tmp_path / "pairs")])

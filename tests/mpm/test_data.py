@@ -59,3 +59,18 @@ def test_an_undecodable_shard_sample_is_a_counted_skip(tiny, tmp_path, caplog):
     assert len(items) == 2 and not isinstance(items[0], Skipped)
     assert items[1] == Skipped("undecodable sample", "000000001")
     assert "skipping bad sample 000000001" in caplog.text
+
+
+def test_a_dirty_shard_is_counted_exactly_and_logged_sparingly(tiny, tmp_path, caplog):
+    _, processor = tiny()
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for i in range(40):  # 40 undecodable samples
+            for ext, payload in [("png", b"not a png"), ("txt", b"A red picture.")]:
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    with caplog.at_level("WARNING"):
+        items = list(PairCaptions([str(tmp_path)], None, processor, CAPTION_PROMPTS, 256, shuffle_buffer=0, seed=0))
+    assert sum(isinstance(x, Skipped) for x in items) == 40  # every skip counted (the metrics add these)
+    lines = [r for r in caplog.records if "bad sample" in r.getMessage()]
+    assert len(lines) == 10 and "later skips are logged every 1000" in lines[-1].getMessage()

@@ -192,3 +192,50 @@ def test_fsdp_auto_wrap_finds_every_no_split_class(tiny, vision):
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
     policy = fsdp2_prepare_auto_wrap_policy(plugin, model)  # raises for a class the model does not hold
     assert sum(policy(m) for m in model.modules()) >= 4  # the vision and the LLM layers
+
+
+def test_a_model_saved_before_delimiters_and_experts_existed_still_loads(tiny, tmp_path):
+    import json
+
+    model, processor = tiny(connector="resampler", delimit_images=False)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("delimit_images", "bridge_experts", "image_start_token", "image_end_token",
+                "image_start_token_id", "image_end_token_id"):  # fmt: skip
+        config.pop(key, None)  # as config.json files written before this change
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reloaded = AutoModel.from_pretrained(tmp_path)
+    reprocessor = MPMProcessor.from_pretrained(tmp_path)
+    assert not reloaded.config.delimit_images
+    batch = reprocessor.collate([reprocessor.encode_conversation(CONVERSATION, [Image.new("RGB", (32, 32))])])
+    assert "<image_start>" not in reprocessor.tokenizer.decode(batch["input_ids"][0])
+    assert torch.isfinite(reloaded(**batch).loss)
+
+
+def test_a_feature_layer_outside_the_tower_is_refused(tiny):
+    with pytest.raises(
+        ValueError, match="`vision_feature_layer` 3 is outside the clip_vision_model tower's hidden states"
+    ):
+        tiny(vision_feature_layer=3)  # 2 layers: hidden states 0..2
+
+
+def test_a_connector_named_by_module_and_class_is_imported(tiny, tmp_path):
+    model, _ = tiny(connector="mpm.connectors:MLPConnector")  # any importable module works the same way
+    assert type(model.connector).__name__ == "MLPConnector"
+    with pytest.raises(ValueError, match="cannot be imported"):
+        tiny(connector="no_such_module:Thing")
+
+
+def test_bridge_experts_are_checkpointed_with_the_tower(tiny):
+    model, processor = tiny("clip", "qwen2", "bridge", bridge_experts=True, vision_feature_layer=-1)
+    model.requires_grad_(False)
+    model.connector.requires_grad_(True)
+    batch = processor.collate([processor.encode_conversation(CONVERSATION, [Image.new("RGB", (32, 32), "red")])])
+    model.train()
+    model(**batch).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.connector.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    model(**batch).loss.backward()
+    assert all(torch.allclose(p.grad, plain[n], atol=1e-6) for n, p in model.connector.named_parameters())

@@ -205,14 +205,25 @@ def test_packed_samples_give_each_sample_its_own_loss(tiny, text):
         processor.encode_conversation([{"role": "user", "content": "<image>\nColour?"}, {"role": "assistant", "content": "Red."}], [RED]),
         processor.encode_conversation([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, how can I help?"}], []),
     ]  # fmt: skip
-    packed = processor.collate_packed(items, pack_length=10_000)
+    packed = processor.collate_packed(items)
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
     with torch.no_grad():
         together, tokens = nll_sum(model, packed, supervised_logits_only=True)
         alone = [nll_sum(model, processor.collate([x]), supervised_logits_only=False) for x in items]
     assert tokens == sum(n for _, n in alone)
     assert torch.allclose(together, sum(loss for loss, _ in alone), rtol=1e-5)
-    rows = processor.collate_packed(items, pack_length=len(items[0].input_ids))  # the longest fills a row alone
-    assert rows["input_ids"].shape[0] == 2 and rows["position_ids"][1, 0] == 0
-    with torch.no_grad():
-        assert torch.allclose(nll_sum(model, rows, True)[0], together, rtol=1e-5)
+    assert packed["position_ids"][0].tolist() == [p for x in items for p in range(len(x.input_ids))]
+
+
+def test_truncation_drops_an_image_with_its_delimiters(tiny):
+    _, processor = tiny(connector="resampler")
+    cfg = processor.config
+    messages = [{"role": "user", "content": "<image>\nA <image> B"}, {"role": "assistant", "content": "Blue and red."}]
+    whole = processor.encode_conversation(messages, [RED, BLUE])
+    second = whole.input_ids.index(cfg.image_start_token_id, whole.input_ids.index(cfg.image_end_token_id))
+    for max_length in range(second + 1, second + cfg.num_queries + 3):  # every cut inside the second image
+        try:
+            cut = processor.encode_conversation(messages, [RED, BLUE], max_length=max_length)
+        except ProcessingError:
+            continue  # nothing supervised left: refused, fine
+        assert cut.input_ids.count(cfg.image_start_token_id) == cut.input_ids.count(cfg.image_end_token_id)

@@ -503,3 +503,82 @@ def test_a_frozen_convolutional_tower_keeps_its_batch_norm_statistics(tiny):
     block.requires_grad_(False)
     keep_frozen_norm_statistics(block)
     assert not block[1].training
+
+
+def test_the_recipe_builds_models_with_delimiters_and_the_llava_layout_without(tiny_parts):
+    from mpm.training import build_model
+
+    resampler = load_config(TrainConfig, TINY, None, parts(tiny_parts)).model
+    model, processor = build_model(resampler)
+    assert model.config.delimit_images and "<image_start>" in processor.tokenizer.get_vocab()
+    llava, _ = build_model(load_config(TrainConfig, TINY, None, [*parts(tiny_parts), "model.connector_type=mlp"]).model)
+    assert llava.config.delimit_images is False
+
+
+def test_a_tied_head_trains_what_is_saved_for_the_added_tokens(tiny, tmp_path):
+    model, processor = tiny(connector="resampler")  # Qwen2 tiny: tied embeddings
+    set_trainable(model, load_config(TrainConfig, None, None, []).train)
+    with torch.no_grad():
+        model.added_token_embeddings.delta.normal_(0, 0.5)
+    batch = processor.collate([processor.encode_conversation(
+        [{"role": "user", "content": "<image>\nHi"}, {"role": "assistant", "content": "Red."}], [Image.new("RGB", (32, 32))])])  # fmt: skip
+    model.eval()
+    with torch.no_grad():
+        trained = model(**batch).logits
+    final = save_final(model, processor, tmp_path / "final")
+    reloaded = MPMForConditionalGeneration.from_pretrained(tmp_path / "final").eval()
+    with torch.no_grad():
+        assert torch.allclose(final(**batch).logits, trained, atol=1e-4)
+        assert torch.allclose(reloaded(**batch).logits, trained, atol=1e-4)
+
+
+def test_lora_merges_in_fp32_after_training_with_bf16_frozen_weights(tiny, tmp_path):
+    from mpm.training import store_frozen_in
+
+    model, processor = tiny()
+    set_trainable(model, load_config(TrainConfig, None, None, ["train.stage=sft", "train.lora.enabled=true"]).train)
+    store_frozen_in(model, torch.bfloat16)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 1e-3)  # small updates: rounded away if merged into bf16 weights
+    layer = model.language_model.base_model.model.model.layers[0].self_attn.q_proj
+    expected = layer.base_layer.weight.float() + layer.get_delta_weight("default").float()
+    final = save_final(model, processor, tmp_path / "final")
+    assert torch.allclose(final.language_model.model.layers[0].self_attn.q_proj.weight, expected, atol=1e-6)
+
+
+def test_a_frozen_resnet_trains_in_bf16(tiny_parts, colour_shards, tmp_path):
+    from transformers import ResNetModel
+
+    from tests.mpm.conftest import vision_config
+
+    ResNetModel(vision_config("resnet")).save_pretrained(tmp_path / "resnet")
+    args = ["train", "i2t", "--config", TINY, "--no-progress", f"model.vision={tmp_path / 'resnet'}",
+            f"model.llm={tiny_parts[1]}", "model.vision_feature_layer=-1", f"data.shards=[{colour_shards}]",
+            f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.mixed_precision=bf16"]  # fmt: skip
+    assert main(args) == 0  # batch norms keep fp32 weights beside their fp32 statistics
+
+
+def test_the_lm_head_runs_everywhere_without_logits_to_keep(tiny):
+    from mpm.recipes.i2t import nll_sum
+
+    model, processor = tiny()
+    forward = model.language_model.forward
+
+    def old_style(*args, logits_to_keep=None, **kwargs):  # an LLM whose forward predates logits_to_keep
+        assert logits_to_keep is None, "logits_to_keep passed with supervised_logits_only off"
+        return forward(*args, **kwargs)
+
+    model.language_model.forward = old_style
+    batch = processor.collate([processor.encode_conversation(
+        [{"role": "user", "content": "<image>\nHi"}, {"role": "assistant", "content": "Red."}], [Image.new("RGB", (32, 32))])])  # fmt: skip
+    nll, tokens = nll_sum(model, batch, supervised_logits_only=False)
+    expected = model(**batch).loss  # the model's own mean over the same tokens
+    assert torch.allclose(nll / tokens, expected, rtol=1e-5)
+
+
+def test_accelerate_accumulating_another_number_is_refused(tiny_parts, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    conversations = write_conversations(tmp_path / "data")
+    assert main(sft_args(tiny_parts, conversations, tmp_path / "run", "train.grad_accum=2")) == 2

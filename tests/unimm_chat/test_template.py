@@ -275,3 +275,138 @@ def test_question_fitted_dialogues_pass_validation():
         sign = next(m.content for q, m in zip(conv.messages, conv.messages[1:]) if "the sign say" in q.content)
         assert '"stop"' in sign
         assert any(p.startswith("says:") for p in patterns)
+
+
+def kind_of(question, answer):
+    return classify(QA(question, answer, ["vqav2"])).kind
+
+
+def test_make_is_a_brand_question_only_as_a_noun():
+    for question, answer in [
+        ("What sound does this animal make?", "moo"),
+        ("What is the woman trying to make?", "cake"),
+    ]:
+        assert kind_of(question, answer) != "brand"
+        for seed in range(40):
+            assert "brand" not in reply(question, answer, seed=seed)[0].lower()
+    for question in ("What brand is the laptop?", "What make is the car?", "What is the make of this car?"):
+        assert kind_of(question, "toyota") == "brand", question
+
+
+def test_says_needs_something_written():
+    for question, answer in [
+        ("What would you say this room is?", "kitchen"),
+        ("What does this say about the artist?", "a lot"),
+    ]:
+        assert kind_of(question, answer) != "says"
+        for seed in range(40):
+            assert '"' not in reply(question, answer, seed=seed)[0]
+    for question in (
+        "What does the sign say?", "What does this say?", "What do the letters say?", "What is written on the bus?",
+        "What does the banner read?", "What do you think the sign says?", "What word is on the sign?",
+    ):  # fmt: skip
+        assert kind_of(question, "stop") == "says", question
+
+
+def test_time_of_day_only_when_the_time_is_asked():
+    assert kind_of("What is the man doing at this time of day?", "surfing") == "doing"
+    for seed in range(40):
+        assert not reply("What is the man doing at this time of day?", "surfing", seed=seed)[0].startswith("It's")
+    for question in ("What time of day is it?", "What time is it?", "What is the time of day?", "When was this taken?"):
+        assert kind_of(question, "morning") == "time", question
+
+
+def test_yes_no_echo_about_the_assistant_is_plain():
+    replies = set()
+    for question in ("Can you see the dog?", "Do you see a dog?"):
+        for truth in ("yes", "no"):
+            replies |= {reply(question, truth, seed=seed)[0] for seed in range(200)}
+    echoed = {r for r in replies if re.match(r"\w+('s)?( \w+)?, I('m afraid I)? (can|can't|do|don't)\.$", r)}
+    assert {"Yes, I can.", "No, I can't.", "Yes, I do.", "No, I don't."} & echoed
+    assert not [r for r in replies if re.search(r"\bI (can|can't|do|don't),", r)], replies
+
+
+# Annotator text whose capitalised first word is not closed-class (a name, an acronym, or a common noun that starts
+# the annotator's sentence) keeps its capital, so it may only be spliced where a sentence starts or after a colon.
+OPEN_CAPTIONS = [
+    "View of a park with a bench", "Man riding a horse on a beach", "Obama giving a speech at a podium",
+    "NASA rocket on the launch pad", "Close up of a pizza on a plate",
+]  # fmt: skip
+OPEN_SENTENCES = ["People are walking along the beach.", "Obama is giving a speech at a podium."]
+LOWER_SENTENCES = ["people are walking along the beach.", "man is giving a speech at a podium"]
+OPEN_RATIONALES = ["People use umbrellas when it rains.", "Giraffes live in the African savanna."]
+
+
+def starts_sentence(text, start):
+    return start == 0 or text[:start].endswith((". ", "? ", "! ", ": ", "\n"))
+
+
+def test_capitalised_open_class_text_only_starts_a_sentence():
+    seen = Counter()
+    filler = "Several people with cameras and microphones crowd around outside today"
+    for caption in OPEN_CAPTIONS + OPEN_SENTENCES:
+        for captions in ([caption, "Flags"], [filler, caption], [filler, "A dog sleeping on a red couch", caption]):
+            for seed in range(40):
+                conv, patterns = TemplateGenerator(seed=seed).generate(record(image_id=seed, captions=captions))
+                text = conv.messages[1].content
+                found = list(re.finditer(re.escape(caption.rstrip(".")), text, re.IGNORECASE))
+                assert found or captions[0] == filler, text  # an extra caption is not always used
+                for m in found:
+                    assert m.group(0) == caption.rstrip(".") and starts_sentence(text, m.start()), text
+                    seen[text[: m.start()][-2:] or "start"] += 1
+    assert seen["start"] and seen[". "] and seen[": "]  # at the start, after a sentence and after a colon
+    # the articles are still lowered after other words
+    conv, _ = TemplateGenerator(seed=1).generate(record(captions=["A man riding a horse on a beach", "Flags"]))
+    assert "a man riding" in conv.messages[1].content or conv.messages[1].content.startswith("A man riding")
+
+
+def test_capitalised_rationales_only_start_a_sentence():
+    gen, used = TemplateGenerator(), set()
+    for rationale in OPEN_RATIONALES:
+        for seed in range(60):
+            patterns = set()
+            text = gen.explain(rationale, random.Random(seed), patterns)
+            assert rationale in text and starts_sentence(text, text.index(rationale)), text
+            used |= patterns
+        qa = QA("Why is she carrying one?", "rain", ["aokvqa"], 1.0, answers=["rain"] * 10, rationales=[rationale])
+        for seed in range(40):
+            conv, _ = TemplateGenerator(seed=seed).generate(record(image_id=seed, qas=[qa]))
+            for m in conv.messages[2:]:
+                if rationale in m.content:
+                    assert starts_sentence(m.content, m.content.index(rationale)), m.content
+    assert len(used) >= 3  # still varied
+    assert "Because people use umbrellas when it rains." in {
+        gen.explain("people use umbrellas when it rains.", random.Random(s), set()) for s in range(60)
+    }  # lower-case text keeps every template
+
+
+@pytest.mark.parametrize(
+    ("pool", "field"), [(DESCRIBE_NP, "np"), (EXTRA_NP, "np"), (EXTRA_SENTENCE, "s"), (RATIONALE, "r")]
+)
+def test_every_caption_pool_has_sentence_initial_templates(pool, field):
+    initial = [t for t in pool if starts_sentence(t, t.lower().index("{" + field + "}"))]
+    assert len(initial) >= 3, initial
+
+
+def test_lower_case_text_is_capitalised_only_where_a_sentence_starts():
+    filler = "Several people with cameras and microphones crowd around outside today"
+    seen = Counter()
+    for caption in LOWER_SENTENCES:
+        for seed in range(60):
+            conv, _ = TemplateGenerator(seed=seed).generate(record(image_id=seed, captions=[filler, caption]))
+            text = conv.messages[1].content
+            for m in re.finditer(re.escape(caption.rstrip(".")), text, re.IGNORECASE):
+                at_start = starts_sentence(text, m.start()) and not text[: m.start()].endswith(": ")
+                assert m.group(0)[0].isupper() == at_start, text
+                seen[at_start] += 1
+    assert seen[True] and seen[False]
+
+
+def test_closed_class_questions_are_lowered_after_a_lead_in():
+    asked = {
+        TemplateGenerator().ask(q, False, random.Random(s), set())
+        for q in ("Anything else?", "Is it sunny?")
+        for s in range(40)
+    }
+    assert any(q.startswith(("Also, anything", "So, anything", "Okay, anything", "And anything")) for q in asked), asked
+    assert not [q for q in asked if re.search(r"[,a-z] (Anything|Is)\b", q)], asked

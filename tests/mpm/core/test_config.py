@@ -59,6 +59,13 @@ def test_saved_config_round_trips_and_diffs(tmp_path):
     assert diff_configs(cfg, other, ignore=["fetch"]) == [("resize.image_size", 300, 256)]
 
 
-def test_setting_one_item_of_a_list_is_a_clear_error():
-    with pytest.raises(ConfigError, match="override 'filters.languages.0=de': cannot set one item of a list"):
+def test_a_value_of_the_wrong_shape_names_its_key(tmp_path):
+    with pytest.raises(
+        ConfigError, match="'filters.languages.0=de': key 'filters.languages' takes a list: give the whole"
+    ):
         load_config(ShardConfig, None, None, ["filters.languages.0=de"])
+    (tmp_path / "c.yaml").write_text("filters:\n  extra: {name: x}\n")
+    with pytest.raises(ConfigError, match="c.yaml: key 'filters.extra' takes a list"):
+        load_config(ShardConfig, tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match=r"filters.languages.*write \[a, b\], or \[a\] for one item"):
+        load_config(ShardConfig, None, None, ["filters.languages=en"])
