@@ -15,6 +15,7 @@ import logging
 import sys
 
 from mpm.cli import chat, data, export, train, unimm
+from mpm.cli.options import run_command
 
 GROUPS = [data, unimm, train, chat, export]
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from mpm.core.errors import UserError
 
     try:
-        return args.handler(args)
+        return run_command(args)
     except UserError as exc:
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         print(f"error: {message}", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mpm.cli.options import Flag, add_command, load_command_config, print_config
+from mpm.cli.options import Flag, add_command
 
 
 @dataclass
@@ -32,13 +32,9 @@ FLAGS = [
 ]
 
 
-def chat_command(args) -> int:
+def chat_command(cfg: ChatCommand, args) -> int:
     from mpm.core.errors import ConfigError
 
-    cfg = load_command_config(ChatCommand, args)
-    if args.print_config:
-        print_config(cfg)
-        return 0
     if not cfg.model:
         raise ConfigError("give the checkpoint to talk to: --model DIR")
     if not cfg.interactive and not cfg.prompt:
@@ -65,6 +61,7 @@ def register(groups) -> None:
         groups,
         "chat",
         chat_command,
+        ChatCommand,
         FLAGS,
         positional=("prompt", "the message (with --interactive: the first one, optional)"),
         help="talk to an image-to-text model (one message, or --interactive)",

@@ -6,7 +6,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from mpm.cli.options import Flag, add_command, load_command_config, print_config
+from mpm.cli.options import Flag, add_command
 
 SHARD_FLAGS = [
     Flag("--input", "input.path", str, "input file, glob, folder, or tar shards ('in/{00000..00009}.tar')"),
@@ -56,14 +56,10 @@ SYNTH_FLAGS = [
 ]
 
 
-def shard_command(args) -> int:
+def shard_command(cfg, args) -> int:
     from dataproc.shard_layout import format_stats_table
-    from dataproc.sharder import ShardConfig, ShardRunError, shard
+    from dataproc.sharder import ShardRunError, shard
 
-    cfg = load_command_config(ShardConfig, args)
-    if args.print_config:
-        print_config(cfg)
-        return 0
     try:
         totals = shard(cfg, show_progress=not args.no_progress)
     except ShardRunError as exc:  # some shards failed twice: not the user's input, and a rerun resumes
@@ -74,16 +70,12 @@ def shard_command(args) -> int:
     return 0
 
 
-def stats_command(args) -> int:
+def stats_command(cfg: StatsCommand, args) -> int:
     from pathlib import Path
 
     from dataproc.shard_layout import completed_shards, format_stats_table, total_stats
     from mpm.core.errors import ConfigError
 
-    cfg = load_command_config(StatsCommand, args)
-    if args.print_config:
-        print_config(cfg)
-        return 0
     folder = Path(cfg.folder)
     if not cfg.folder or not folder.is_dir():
         raise ConfigError(f"{cfg.folder!r} is not a folder: give the output folder of `mpm data shard`")
@@ -93,14 +85,10 @@ def stats_command(args) -> int:
     return 0
 
 
-def synth_command(args) -> int:
+def synth_command(cfg: SynthCommand, args) -> int:
     from dataproc.synthetic import write_pairs
     from mpm.core.errors import ConfigError
 
-    cfg = load_command_config(SynthCommand, args)
-    if args.print_config:
-        print_config(cfg)
-        return 0
     if not cfg.output:
         raise ConfigError("no output folder: pass --output DIR")
     path = write_pairs(cfg.output, cfg.num_samples, seed=cfg.seed, bad_samples=not cfg.clean)
@@ -116,6 +104,7 @@ def register(groups) -> None:
         commands,
         "shard",
         shard_command,
+        "dataproc.sharder:ShardConfig",
         SHARD_FLAGS,
         help="turn URL/path + caption lists, image folders, tar shards or saved datasets into filtered shards",
         description=(
@@ -137,6 +126,7 @@ def register(groups) -> None:
         commands,
         "stats",
         stats_command,
+        StatsCommand,
         positional=("folder", "the output folder of `mpm data shard`"),
         help="print the summary table of a shard folder",
         description=(
@@ -151,6 +141,7 @@ def register(groups) -> None:
         commands,
         "synth",
         synth_command,
+        SynthCommand,
         SYNTH_FLAGS,
         help="write synthetic image-caption pairs (pairs.jsonl + images/)",
         description=(

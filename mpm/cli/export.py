@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mpm.cli.options import Flag, add_command, load_command_config, print_config
+from mpm.cli.options import Flag, add_command
 
 
 @dataclass
@@ -19,13 +19,9 @@ FLAGS = [
 ]
 
 
-def llava_command(args) -> int:
+def llava_command(cfg: ExportCommand, args) -> int:
     from mpm.core.errors import ConfigError
 
-    cfg = load_command_config(ExportCommand, args)
-    if args.print_config:
-        print_config(cfg)
-        return 0
     if not cfg.model or not cfg.out:
         raise ConfigError("give the checkpoint to export (--model DIR) and where to write it (--out DIR)")
     from mpm.export import export_llava
@@ -42,6 +38,7 @@ def register(groups) -> None:
         commands,
         "llava",
         llava_command,
+        ExportCommand,
         FLAGS,
         help="an mlp checkpoint without slicing as a plain transformers LlavaForConditionalGeneration",
         description=(

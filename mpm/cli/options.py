@@ -10,6 +10,7 @@ command's config are its positional argument (a message, a folder), itself a con
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import sys
 from dataclasses import dataclass, fields, is_dataclass
@@ -31,14 +32,22 @@ def add_command(
     commands,
     name: str,
     handler,
+    schema,
     flags: list[Flag] = (),
     positional: tuple[str, str] | None = None,
     config_required: bool = False,
+    extra_flags=None,
     **parser_kwargs,
 ) -> argparse.ArgumentParser:
     """A subcommand with --config, its flags, `key=value` overrides and --print-config.
 
-    `positional` is (config key, help) of the one positional argument the command takes, if any.
+    Args:
+        handler: `handler(cfg, args) -> exit status`, called with the command's resolved config.
+        schema: the config dataclass, or "package.module:Class" (imported only when the command runs, so building
+            the parser stays cheap).
+        positional: (config key, help) of the one positional argument the command takes, if any.
+        extra_flags: `extra_flags(args, load) -> {key: value}` for a flag whose key depends on the config
+            (`load()` gives the config without it).
     """
     p = commands.add_parser(name, **parser_kwargs)
     p.add_argument("--config", required=config_required, help="YAML config file (keys as printed by --print-config)")
@@ -58,15 +67,35 @@ def add_command(
     words = "KEY=VALUE" if positional is None else f"{positional[0].upper()} | KEY=VALUE"
     help_text = "dotted config overrides, e.g. a.b=1" + ("" if positional is None else f"; {positional[1]}")
     p.add_argument("words", nargs="*", metavar=words, help=help_text)
-    p.set_defaults(handler=handler, flag_table=list(flags), positional=positional, command_parser=p)
+    p.set_defaults(
+        handler=handler, schema=schema, flag_table=list(flags), positional=positional, extra_flags=extra_flags,
+        command_parser=p,
+    )  # fmt: skip
     return p
 
 
-def load_command_config(schema: type, args: argparse.Namespace, extra_flags: dict | None = None):
+def run_command(args: argparse.Namespace) -> int:
+    """Resolve the command's config, print it (--print-config) or hand it to the command."""
+    cfg = load_command_config(args)
+    if args.extra_flags is not None:
+        cfg = load_command_config(args, args.extra_flags(args, lambda: cfg))
+    if args.print_config:
+        from mpm.core.config import config_to_yaml
+
+        sys.stdout.write(config_to_yaml(cfg))
+        return 0
+    return args.handler(cfg, args)
+
+
+def load_command_config(args: argparse.Namespace, extra_flags: dict | None = None):
     """The command's typed config: defaults < --config < flags < overrides (mpm.core.config.load_config)."""
     from mpm.core.config import load_config
     from mpm.core.errors import ConfigError
 
+    schema = args.schema
+    if isinstance(schema, str):
+        module, _, name = schema.partition(":")
+        schema = getattr(importlib.import_module(module), name)
     table = args.flag_table
     flags = {f.key: getattr(args, f.key) for f in table if hasattr(args, f.key)}
     flags.update(extra_flags or {})
@@ -96,12 +125,6 @@ def split_words(schema: type, words: list[str]) -> tuple[list[str], list[str]]:
         else:
             rest.append(word)
     return overrides, rest
-
-
-def print_config(cfg) -> None:
-    from mpm.core.config import config_to_yaml
-
-    sys.stdout.write(config_to_yaml(cfg))
 
 
 def _comma_list(text: str) -> list[str]:

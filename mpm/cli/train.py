@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mpm.cli.options import Flag, add_command, load_command_config, print_config
+from mpm.cli.options import Flag, add_command
 
 I2T_FLAGS = [
     Flag("--output-dir", "train.output_dir", str, "run folder: checkpoints, metrics.jsonl, final/"),
@@ -10,13 +10,7 @@ I2T_FLAGS = [
 ]
 
 
-def i2t_command(args) -> int:
-    from mpm.train_config import TrainConfig
-
-    cfg = load_command_config(TrainConfig, args)
-    if args.print_config:
-        print_config(cfg)
-        return 0
+def i2t_command(cfg, args) -> int:
     from mpm.recipes.i2t import train
 
     result = train(cfg, show_progress=not args.no_progress)
@@ -31,6 +25,7 @@ def register(groups) -> None:
         commands,
         "i2t",
         i2t_command,
+        "mpm.train_config:TrainConfig",
         I2T_FLAGS,
         config_required=True,
         help="MPM image-to-text training: stage pretrain (English pairs, LLM frozen) or sft (conversations)",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mpm.cli.options import Flag, add_command, load_command_config, print_config
+from mpm.cli.options import Flag, add_command
 
 BUILD_FLAGS = [
     Flag("--coco-captions", "sources.coco_captions", str, "COCO captions file (captions_train2017.json)"),
@@ -55,18 +55,16 @@ SYNTH_FLAGS = [
 ]
 
 
-def build_command(args) -> int:
-    from unimm_chat.build import build
-    from unimm_chat.config import BuildConfig
+def model_flag(args, load) -> dict:
+    """--model belongs to whichever LLM generator the config chooses."""
+    if args.model is None:
+        return {}
+    return {"hf.model" if load().generator == "hf" else "openai.model": args.model}
 
-    extra = {}
-    if args.model is not None:  # --model belongs to whichever LLM generator is chosen
-        generator = load_command_config(BuildConfig, args).generator
-        extra["hf.model" if generator == "hf" else "openai.model"] = args.model
-    cfg = load_command_config(BuildConfig, args, extra)
-    if args.print_config:
-        print_config(cfg)
-        return 0
+
+def build_command(cfg, args) -> int:
+    from unimm_chat.build import build
+
     stats = build(cfg, show_progress=not args.no_progress)
     turns = stats["turns_per_dialogue"]
     print(f"{stats['dialogues']:,} dialogues from {stats['images']:,} images, {turns['mean']} exchanges on average")
@@ -82,14 +80,9 @@ def build_command(args) -> int:
     return 0
 
 
-def translate_command(args) -> int:
-    from unimm_chat.config import TranslateConfig
+def translate_command(cfg, args) -> int:
     from unimm_chat.translate import translate
 
-    cfg = load_command_config(TranslateConfig, args)
-    if args.print_config:
-        print_config(cfg)
-        return 0
     stats = translate(cfg, show_progress=not args.no_progress)
     for lang, s in stats["languages"].items():
         rejected = ", ".join(f"{r} {n}" for r, n in s["rejections"].items()) or "none"
@@ -99,14 +92,10 @@ def translate_command(args) -> int:
     return 0
 
 
-def synth_command(args) -> int:
+def synth_command(cfg: SynthCommand, args) -> int:
     from mpm.core.errors import ConfigError
     from unimm_chat.synthetic import write_annotations
 
-    cfg = load_command_config(SynthCommand, args)
-    if args.print_config:
-        print_config(cfg)
-        return 0
     if not cfg.output:
         raise ConfigError("no output folder: pass --output DIR")
     paths = write_annotations(cfg.output, cfg.num_images, seed=cfg.seed)
@@ -123,7 +112,9 @@ def register(groups) -> None:
         commands,
         "build",
         build_command,
+        "unimm_chat.config:BuildConfig",
         BUILD_FLAGS,
+        extra_flags=model_flag,
         help="merge COCO captions, VQAv2, OK-VQA, A-OKVQA and VisDial per image into multi-turn dialogues",
         description=(
             "Read any subset of the official annotation files, merge them into one record per COCO image, write one "
@@ -145,6 +136,7 @@ def register(groups) -> None:
         commands,
         "translate",
         translate_command,
+        "unimm_chat.config:TranslateConfig",
         TRANSLATE_FLAGS,
         help="translate conversations into other languages (NLLB/M2M100/Marian or an endpoint)",
         description=(
@@ -161,6 +153,7 @@ def register(groups) -> None:
         commands,
         "synth",
         synth_command,
+        SynthCommand,
         SYNTH_FLAGS,
         help="write small annotation files in the official schemas (tests, demos, benchmarks)",
         description=(
