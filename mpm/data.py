@@ -176,13 +176,13 @@ class LengthGroupedSampler(Sampler[list[int]]):
         return len(self.lengths) // (self.batch_size * self.world)
 
 
-def collate(processor: MPMProcessor, items: list[Encoded | Skipped], pack: bool = False) -> dict:
-    """A batch of the usable items (padded, or packed into one row), and the list of skipped ones (for the
-    metrics)."""
+def collate(processor: MPMProcessor, items: list[Encoded | Skipped], pack: int | None = None) -> dict:
+    """A batch of the usable items, packed into one row when they fit in `pack` tokens, else padded; and the list
+    of skipped ones (for the metrics)."""
     usable = [x for x in items if isinstance(x, Encoded)]
     if not usable:
         batch = {}
-    elif pack:
+    elif pack is not None and sum(len(x.input_ids) for x in usable) <= pack:
         batch = processor.collate_packed(usable)
     else:
         batch = processor.collate(usable)

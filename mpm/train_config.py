@@ -80,8 +80,8 @@ class EfficiencySection:
     frozen_in_compute_dtype: bool = True  # frozen weights stored in bf16/fp16 under mixed precision, not fp32
     trainable_only_checkpoints: bool = True  # intermediate checkpoints without the frozen weights (final/ is whole)
     vision_early_exit: bool = True  # the vision tower stops at the feature layer the connector reads
-    # a micro-batch's samples in one row, attention kept apart (no padding): auto (with flash attention, whose
-    # variable-length kernels make it free; sdpa/eager would compute the row's whole masked attention) | always | never
+    # a micro-batch's samples in one row, attention kept apart (no padding): auto (flash attention: always; sdpa /
+    # eager, which compute the row's whole masked attention: when it fits in data.max_length) | always | never
     pack_sequences: str = "auto"
     supervised_logits_only: bool = True  # the LM head runs only where the next token is supervised
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -112,7 +113,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
             f"{t.grad_accum}: set the same number in both (ACCELERATE_GRADIENT_ACCUMULATION_STEPS, the DeepSpeed "
             "config's gradient_accumulation_steps)"
         )
-    pack = packs(accelerator.unwrap_model(model), speed.pack_sequences)
+    pack = pack_limit(accelerator.unwrap_model(model), speed.pack_sequences, d.max_length)
 
     # 4. Resume: weights, optimizer, scheduler, RNG, and where in the data we were ---------------------------------
     checkpoints = Checkpoints(out, t.keep_last, keep)
@@ -257,22 +258,25 @@ def nll_sum(model, batch: dict, supervised_logits_only: bool) -> tuple[torch.Ten
     return nll, int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def packs(model, setting: str) -> bool:
-    """Whether micro-batches are packed (`train.efficiency.pack_sequences`). A packed micro-batch is ONE row:
-    transformers keeps packed samples apart in flash attention only in a single row, and the LM head then runs
-    at exactly the supervised positions. `auto` packs with flash attention only, whose variable-length kernels
-    make a long row cost what its samples cost alone; sdpa and eager compute the row's whole masked attention
-    matrix (slower on the stage-1 benchmark), so they pack only with `always`."""
+def pack_limit(model, setting: str, max_length: int) -> int | None:
+    """Up to how many tokens a micro-batch is packed into ONE row (`train.efficiency.pack_sequences`), or None.
+
+    One row: transformers keeps packed samples apart in flash attention only within a single row, and the LM head
+    then runs at exactly the supervised positions (with several rows, at every position supervised in any row).
+    Flash attention's variable-length kernels make a long row cost what its samples cost alone: no limit. sdpa
+    and eager compute the row's whole masked attention matrix, so `auto` packs a micro-batch only when it fits in
+    `data.max_length` tokens (what one sample may cost anyway), else leaves it padded; `always` packs every one.
+    """
     attention = model.config.text_config._attn_implementation or "eager"
-    if setting == "never" or (setting == "auto" and "flash" not in attention):
-        return False
-    if packing_keeps_samples_apart(model.language_model):
-        return True
-    logger.warning(
-        "the LLM's attention (%s) does not keep samples apart when they share a row: training without packing "
-        "(train.efficiency.pack_sequences)", attention,
-    )  # fmt: skip
-    return False
+    if setting == "never":
+        return None
+    if not packing_keeps_samples_apart(model.language_model):
+        logger.warning(
+            "the LLM's attention (%s) does not keep samples apart when they share a row: training without packing "
+            "(train.efficiency.pack_sequences)", attention,
+        )  # fmt: skip
+        return None
+    return sys.maxsize if setting == "always" or "flash" in attention else max_length
 
 
 @torch.no_grad()
@@ -296,7 +300,7 @@ def packing_keeps_samples_apart(lm: torch.nn.Module) -> bool:
     return bool((a - b).abs().max() <= 1e-2 * b.abs().max() + 1e-4)
 
 
-def _micro_batches(cfg, processor, accelerator, epoch: int, consumed: int, conversations, pack: bool):
+def _micro_batches(cfg, processor, accelerator, epoch: int, consumed: int, conversations, pack: int | None):
     """This process's micro-batches from the data position (epoch, batches consumed in it) on, endlessly, each with
     the position after it. A pass that gives no batch, or no usable sample, is an error: the data is broken."""
     epoch_usable = 0 if consumed == 0 else None  # usable micro-batches in an epoch this run sees whole
@@ -316,7 +320,7 @@ def _micro_batches(cfg, processor, accelerator, epoch: int, consumed: int, conve
         epoch, consumed, epoch_usable = epoch + 1, 0, 0
 
 
-def _batches(cfg: TrainConfig, processor, accelerator, epoch: int, skip: int, conversations, pack: bool):
+def _batches(cfg: TrainConfig, processor, accelerator, epoch: int, skip: int, conversations, pack: int | None):
     """The micro-batches of one epoch for this rank, from batch number `skip` on (the data position to resume)."""
     t, d = cfg.train, cfg.data
     workers = {

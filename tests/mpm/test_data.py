@@ -74,3 +74,13 @@ def test_a_dirty_shard_is_counted_exactly_and_logged_sparingly(tiny, tmp_path, c
     assert sum(isinstance(x, Skipped) for x in items) == 40  # every skip counted (the metrics add these)
     lines = [r for r in caplog.records if "bad sample" in r.getMessage()]
     assert len(lines) == 10 and "later skips are logged every 1000" in lines[-1].getMessage()
+
+
+def test_a_micro_batch_is_packed_into_one_row_only_when_it_fits(tiny):
+    _, processor = tiny()
+    items = [processor.encode_conversation([{"role": "user", "content": "<image>\nHi"},
+             {"role": "assistant", "content": "Red " * n}], [Image.new("RGB", (32, 32))]) for n in (1, 5)]  # fmt: skip
+    total = sum(len(x.input_ids) for x in items)
+    assert collate(processor, items, pack=total)["input_ids"].shape[0] == 1  # position ids restart per sample
+    assert "position_ids" not in collate(processor, items, pack=total - 1)  # padded rows with an attention mask
+    assert "position_ids" not in collate(processor, items, pack=None)
