@@ -136,7 +136,8 @@ def total_stats(folder: str | Path) -> dict[str, Any]:
 
 
 def format_stats_table(totals: dict[str, Any]) -> str:
-    """The summary printed after a run and by `mpm data stats`: every non-zero status, with failure causes."""
+    """The summary printed after a run and by `mpm data stats`: every non-zero status, with failure causes; after a
+    run, what the run has to say (`run.note`: e.g. that every shard was already complete and nothing was done)."""
     count = totals.get("count", 0)
     rows = [("success", totals.get("successes", 0))]
     known = (*FAILURE_STATUSES, *FILTER_STATUSES)
@@ -156,4 +157,7 @@ def format_stats_table(totals: dict[str, Any]) -> str:
     if errors:
         lines.append("most common failure causes:")
         lines += [f"  {n:>8,}  {message}" for message, n in list(errors.items())[:10]]
+    note = (totals.get("run") or {}).get("note")
+    if note:
+        lines.append(note)
     return "\n".join(lines)

@@ -2,16 +2,27 @@
 
 Language codes are ISO 639-1 everywhere in this project; each model family has its own names, mapped here:
 NLLB uses FLORES-200 codes ("zho_Hans"), M2M100 ISO 639-1 ("zh"), multi-target Marian models a ">>code<<"
-prefix token. Translators take plain text segments (no markup) and return one translation per segment; caching
-and the structure of conversations are the caller's job (unimm_chat.translate).
+prefix token. Translators take plain text segments (no markup) and yield one translation per segment, in order, as
+they are made (a `TranslationError` for a segment that failed); caching and the structure of conversations are the
+caller's job (unimm_chat.translate).
+
+A local model never reads or writes past its position table: inputs longer than the encoder's positions are failed
+segments, and generation is capped at the decoder's (a translation cut there is a failed segment, not a crash). An
+endpoint that cannot be reached, or refuses every request, raises `TranslatorFailing` instead of failing every
+segment one by one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
 
-from mpm.core.errors import ConfigError, model_errors
+from mpm.core.errors import ConfigError, EndpointError, model_errors
 from mpm.core.http import ChatClient, LLMError
+
+logger = logging.getLogger(__name__)
+MAX_FAILURES_IN_A_ROW = 25  # an endpoint that fails this many segments in a row is down or misconfigured (as build)
 
 # ISO 639-1 -> (English name, FLORES-200 code used by NLLB-200). Codes from the NLLB-200 model card's language
 # list (facebook/nllb-200-distilled-600M, "Languages": FLORES-200 codes).
@@ -47,6 +58,21 @@ class TranslationError(Exception):
     """One segment could not be translated (the request failed, or the output was cut short)."""
 
 
+class TranslatorFailing(EndpointError):
+    """The translation endpoint fails every request the same way (down, wrong URL, key or model): stop early."""
+
+
+def position_limit(config, side: str) -> int | None:
+    """How many positions the model's encoder (`side="source"`) or decoder (`"target"`) has: fairseq-style
+    `max_{side}_positions` where a family has them, else `max_position_embeddings` (Marian, M2M100, NLLB, BART),
+    else `n_positions`; None for models without a fixed table (relative positions, T5)."""
+    for name in (f"max_{side}_positions", "max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def language_name(code: str) -> str:
     if code not in LANGUAGES:
         raise ConfigError(f"no translation mapping for language {code!r}; known: {sorted(LANGUAGES)}")
@@ -75,7 +101,8 @@ class HFTranslator:
             self.model = AutoModelForSeq2SeqLM.from_pretrained(model, trust_remote_code=trust_remote_code)
         self.model.to(self.device)
         self.model.eval()
-        self.batch_size, self.max_new_tokens, self.num_beams = batch_size, max_new_tokens, num_beams
+        self.name = model
+        self.batch_size, self.num_beams = batch_size, num_beams
         model_type = self.model.config.model_type
         vocab = self.tokenizer.get_vocab()
         if model_type == "m2m_100":
@@ -88,6 +115,29 @@ class HFTranslator:
                 f"{model}: translation models of type {model_type!r} are not supported; use an NLLB, M2M100 or "
                 "Marian checkpoint, or --backend openai"
             )
+        # The decoder's first position holds the decoder start token: a translation has at most limit - 1 tokens.
+        # Past its table a learned/fixed position embedding raises IndexError (Marian) or reads positions the model
+        # never saw (M2M100, NLLB), so generation stops there and such a translation counts as cut.
+        target_limit = position_limit(self.model.config, "target")
+        self.max_new_tokens = max_new_tokens if target_limit is None else min(max_new_tokens, target_limit - 1)
+        self.cut_reason = (
+            f"max_new_tokens={self.max_new_tokens}"
+            if self.max_new_tokens == max_new_tokens
+            else f"the model's limit of {self.max_new_tokens} tokens (its decoder has {target_limit} positions)"
+        )
+        if self.max_new_tokens < max_new_tokens:
+            logger.warning(
+                "%s writes at most %d tokens (its decoder has %d positions): generation stops there, not at "
+                "hf.max_new_tokens=%d; a translation cut there is rejected (translation_failed)",
+                model,
+                self.max_new_tokens,
+                target_limit,
+                max_new_tokens,
+            )
+        # Inputs: the tokenizer's own limit, or the encoder's positions if those are fewer (a tokenizer saved without
+        # model_max_length says 1e30).
+        source_limit = position_limit(self.model.config, "source")
+        self.input_limit = min(self.tokenizer.model_max_length, source_limit or self.tokenizer.model_max_length)
 
     def _setup(self, source: str, target: str) -> tuple[dict, str]:
         """(generate() keyword arguments, text prefix) for a language pair."""
@@ -114,32 +164,56 @@ class HFTranslator:
 
     @property
     def settings(self) -> tuple:
-        """What changes the output: part of every cache key."""
+        """What changes the output: part of every cache key (the generation length actually used)."""
         return ("hf", self.family, self.max_new_tokens, self.num_beams)
 
-    def translate(self, texts: Sequence[str], target: str, source: str = "en") -> list[str | TranslationError]:
+    def target_hint(self, target: str) -> str:
+        """Why this model may write another language than `target`, and what to do (a sentence for the caller's
+        error)."""
+        if self.family in ("nllb", "m2m100"):
+            token = LANGUAGES[target][1] if self.family == "nllb" else self.tokenizer.get_lang_token(target)
+            return (
+                f"NLLB/M2M100 models are told the output language by a forced first token ({token}), and this "
+                "checkpoint does not follow it: use a trained NLLB or M2M100 translation model, not a random or "
+                "fine-tuned one."
+            )
+        if not self.target_tokens:
+            return (
+                "A single-pair Marian model (opus-mt-en-de) always writes its own target language: use the opus-mt "
+                f"model into {language_name(target)}, or a multilingual NLLB/M2M100 model."
+            )
+        return f"This multilingual Marian model does not follow its target token ({self._setup('en', target)[1]})."
+
+    def translate(self, texts: Sequence[str], target: str, source: str = "en") -> Iterator[str | TranslationError]:
         kwargs, prefix = self._setup(source, target)
-        limit = self.tokenizer.model_max_length
+        limit = self.input_limit
         eos = self.model.generation_config.eos_token_id
         eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
-        out: list[str | TranslationError] = []
         for start in range(0, len(texts), self.batch_size):
             batch = [prefix + t for t in texts[start : start + self.batch_size]]
             lengths = [len(ids) for ids in self.tokenizer(batch)["input_ids"]]
-            enc = self.tokenizer(batch, return_tensors="pt", padding=True, truncation=True).to(self.device)
+            enc = self.tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=limit)
             with self.torch.no_grad():
                 generated = self.model.generate(
-                    **enc, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, **kwargs
+                    **enc.to(self.device), max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, **kwargs
                 )
             decoded = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+            full = generated.shape[1] - 1 >= self.max_new_tokens  # the longest row used every token it could
             for length, ids, text in zip(lengths, generated.tolist(), decoded):
                 if length > limit:
-                    out.append(TranslationError(f"the segment has {length} tokens; the model reads at most {limit}"))
-                elif eos_ids and not eos_ids & set(ids):  # no end-of-sequence: generation stopped at the limit
-                    out.append(TranslationError(f"the translation was cut at max_new_tokens={self.max_new_tokens}"))
+                    yield TranslationError(f"the segment has {length} tokens; the model reads at most {limit}")
+                elif eos_ids and self._cut(ids[1:], eos_ids, full):
+                    yield TranslationError(f"the translation was cut at {self.cut_reason}")
                 else:
-                    out.append(text.strip())
-        return out
+                    yield text.strip()
+
+    @staticmethod
+    def _cut(ids: list[int], eos_ids: set[int], full: bool) -> bool:
+        """Did generation stop at the length limit? `ids`: the generated tokens, after the decoder start token. No
+        end-of-sequence at all, or one only in the very last place of a row that used every token: Marian configs
+        force EOS there (`forced_eos_token_id`), so a cut translation does end with one."""
+        first = next((i for i, token in enumerate(ids) if token in eos_ids), None)
+        return first is None or (full and first == len(ids) - 1)
 
 
 class EndpointTranslator:
@@ -150,21 +224,42 @@ class EndpointTranslator:
         "Reply with the translation only, without quotes or explanations.\n\n{text}"
     )
 
-    def __init__(self, client: ChatClient):
+    def __init__(self, client: ChatClient, max_failures_in_a_row: int | None = None):
         self.client = client
+        self.name = client.model
+        self.max_failures_in_a_row = max_failures_in_a_row or MAX_FAILURES_IN_A_ROW
+        self.failures_in_a_row = 0  # across calls: the segments come in chunks
 
     @property
     def settings(self) -> tuple:
         """What changes the output: part of every cache key."""
         return ("openai", self.PROMPT, self.client.params)
 
+    def target_hint(self, target: str) -> str:
+        return (
+            f"The model behind {self.client.url} does not follow the translation prompt into {language_name(target)}: "
+            f"use an instruction-following chat model that writes {language_name(target)}."
+        )
+
     def messages(self, text: str, target: str, source: str) -> list[dict]:
         prompt = self.PROMPT.format(source=language_name(source), target=language_name(target), text=text)
         return [{"role": "user", "content": prompt}]
 
-    def translate(self, texts: Sequence[str], target: str, source: str = "en") -> list[str | TranslationError]:
+    def translate(self, texts: Sequence[str], target: str, source: str = "en") -> Iterator[str | TranslationError]:
+        """Translations in order, as they arrive. Raises `TranslatorFailing` at a fatal error (nothing listens at
+        the URL; 401/403/404) or after `max_failures_in_a_row` failed segments; requests not yet made are dropped."""
         requests = ((str(i), self.messages(t, target, source)) for i, t in enumerate(texts))
-        return [
-            TranslationError(str(reply)) if isinstance(reply, LLMError) else reply.strip()
-            for _, reply, _ in self.client.complete_many(requests)
-        ]
+        with contextlib.closing(self.client.complete_many(requests)) as replies:
+            for _, reply, _ in replies:
+                if not isinstance(reply, LLMError):
+                    self.failures_in_a_row = 0
+                    yield reply.strip()
+                    continue
+                self.failures_in_a_row += 1
+                if reply.fatal or self.failures_in_a_row >= self.max_failures_in_a_row:
+                    what = "" if reply.fatal else f" ({self.failures_in_a_row} segments in a row failed)"
+                    where = "" if self.client.url in str(reply) else f" at {self.client.url}"
+                    raise TranslatorFailing(
+                        f"stopping: translation by model {self.client.model!r}{where} fails{what}: {reply}"
+                    )
+                yield TranslationError(str(reply))

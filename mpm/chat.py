@@ -4,32 +4,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from mpm.core.errors import UserError
 from mpm.core.images import ImageError, open_image
-from mpm.inference import Request, generate
-from mpm.processor import MPMProcessor
+from mpm.inference import Request, generate, with_markers
 
-HELP = """commands: /image PATH (add an image to your next message), /reset (forget the conversation), /quit"""
+COMMANDS = {
+    "/image PATH": "add an image to your next message",
+    "/reset": "forget the conversation",
+    "/help": "show these commands",
+    "/quit": "end the session",
+}
+HELP = "commands: " + ", ".join(f"{c} ({what})" for c, what in COMMANDS.items())
+EMPTY = "(empty answer: the model produced only whitespace or stopped at once)"
 
 
-def image_marker(processor) -> str:
-    """The marker a message uses for an image: this model's image token (LLaVA processors name theirs too)."""
-    if isinstance(processor, MPMProcessor):
-        return processor.config.image_token
-    return getattr(processor, "image_token", "<image>")
-
-
-def with_markers(processor, text: str, images: int) -> str:
-    """A message without image markers gets one per image at its start."""
-    marker = image_marker(processor)
-    if images and marker not in text:
-        return marker * images + "\n" + text
-    return text
+def shown(answer: str) -> str:
+    """An answer as printed: an empty one says so instead of printing nothing."""
+    return answer if answer.strip() else EMPTY
 
 
 def one_shot(model, processor, prompt: str, images: list[str], raw: bool = False, **generation) -> str:
-    """Answer one message (see `with_markers`)."""
+    """Answer one message; without image markers the images go first (as `generate` places them)."""
     loaded = [open_image(i) for i in images]  # a missing or corrupt image is a clear error, before any work
-    prompt = with_markers(processor, prompt, len(loaded))
     request = Request(loaded, prompt=prompt) if raw else Request(loaded, messages=[{"role": "user", "content": prompt}])
     return generate(model, processor, [request], **generation)[0]
 
@@ -64,6 +60,9 @@ def interactive(
             continue
         if line in ("/quit", "/exit"):
             return
+        if line == "/help":
+            write(HELP)
+            continue
         if line == "/reset":
             messages, seen, pending = [], [], []
             write("(conversation reset)")
@@ -71,17 +70,20 @@ def interactive(
         if line.startswith("/image "):
             _add_image(line[len("/image ") :].strip(), pending, write)
             continue
+        if line.startswith("/") and " " not in line:  # a mistyped command would otherwise go to the model
+            write(f"unknown command {line}: {HELP}")
+            continue
         turn = {"role": "user", "content": with_markers(processor, line, len(pending))}
         try:
             request = Request(seen + pending, messages=[*messages, turn])
             answer = generate(model, processor, [request], **generation)[0]
-        except ValueError as exc:  # e.g. markers that do not match the images: this turn is dropped, with its images
+        except (UserError, ValueError) as exc:  # e.g. markers that do not match the images: the turn is dropped
             write(f"error: {exc} (the message and its images were not kept)")
             pending = []
             continue
         messages += [turn, {"role": "assistant", "content": answer}]
         seen, pending = seen + pending, []
-        write(f"model> {answer}")
+        write(f"model> {shown(answer)}")
 
 
 def _add_image(path: str, pending: list, write: Callable[[str], None]) -> None:

@@ -59,11 +59,42 @@ def pil_image_processor(path):
 @dataclass
 class Request:
     """One generation: images plus chat messages (the chat template is applied) or a raw prompt string with
-    `<image>` markers (no template: for models trained on raw prompts)."""
+    `<image>` markers (no template: for models trained on raw prompts). Without any marker, the images go first
+    (at the start of the first user message, or of the prompt), as `mpm chat` places them."""
 
     images: list[Image.Image | str] = field(default_factory=list)
     messages: list[dict] | None = None
     prompt: str | None = None
+
+
+def image_marker(processor) -> str:
+    """The marker a message uses for an image: this model's image token (LLaVA processors name theirs too)."""
+    if isinstance(processor, MPMProcessor):
+        return processor.config.image_token
+    return getattr(processor, "image_token", "<image>")
+
+
+def with_markers(processor, text: str, images: int) -> str:
+    """Text without image markers gets one per image at its start."""
+    marker = image_marker(processor)
+    if images and marker not in text:
+        return marker * images + "\n" + text
+    return text
+
+
+def placed(request: Request, processor) -> Request:
+    """The request with its images' markers placed: unchanged when any message (or the prompt) has a marker, else
+    the markers at the start of the first user message (or of the prompt)."""
+    if request.prompt is not None:
+        return Request(request.images, prompt=with_markers(processor, request.prompt, len(request.images)))
+    marker = image_marker(processor)
+    if not request.images or any(marker in m.get("content", "") for m in request.messages):
+        return request
+    messages = [dict(m) for m in request.messages]
+    first = next((m for m in messages if m.get("role") == "user"), None)
+    if first is not None:
+        first["content"] = with_markers(processor, first["content"], len(request.images))
+    return Request(request.images, messages=messages)
 
 
 def stop_tokens(model, processor) -> list[int]:
@@ -99,6 +130,7 @@ def generate(
             raise ValueError(
                 f"request {i} must have either `messages` or `prompt`, not {'both' if r.prompt else 'neither'}"
             )
+    requests = [placed(r, processor) for r in requests]
     sampling = {"do_sample": do_sample, **({"temperature": temperature, "top_p": top_p} if do_sample else {})}
     sampling["eos_token_id"] = stop_tokens(model, processor)
     answers: list[str] = []

@@ -8,6 +8,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from mpm.configuration import CLIP_MEAN, CLIP_STD, MPMConfig
 from mpm.connectors import connector_class
+from mpm.core.hub import check_model_source
 from mpm.core.llm import load_llm
 from mpm.modeling import MPMForConditionalGeneration, build_connector
 from mpm.processor import MPMProcessor
@@ -24,6 +25,7 @@ def load_vision(vision, dtype=None, trust_remote_code: bool = False) -> tuple[Pr
         return (vision, *default_stats(vision.config))
     if isinstance(vision, PreTrainedConfig):
         return (MODEL_MAPPING[type(vision)](vision), *default_stats(vision))
+    check_model_source("vision", vision)
     config = AutoConfig.from_pretrained(vision, trust_remote_code=trust_remote_code)
     vision_config = getattr(config, "vision_config", config)  # CLIPConfig / SiglipConfig hold a vision_config
     model = MODEL_MAPPING[type(vision_config)].from_pretrained(vision, dtype=dtype or "auto")
@@ -83,9 +85,12 @@ def from_parts(
     tokens = [config_kwargs.get(k, getattr(MPMConfig, k)) for k in names]
     known = len(tok)
     tok.add_tokens(tokens, special_tokens=True)
-    if lm.get_input_embeddings().weight.shape[0] < len(tok):  # new rows get the mean embedding
-        lm.resize_token_embeddings(len(tok), mean_resizing=True)
-    elif len(tok) > known:  # the vocabulary is padded (Qwen2): the tokens take spare, never-trained rows
+    rows = lm.get_input_embeddings().weight.shape[0]
+    if rows < len(tok):
+        # mean_resizing=False: transformers would sample the new rows around the mean and print a notice on every
+        # run; they are set to the mean below (deterministic, as before for padded vocabularies)
+        lm.resize_token_embeddings(len(tok), mean_resizing=False)
+    if len(tok) > known:  # new rows, or spare never-trained rows of a padded vocabulary (Qwen2): the mean embedding
         _set_rows_to_mean(lm, range(known, len(tok)), known)
     config = MPMConfig(
         vision_config=vision_model.config,

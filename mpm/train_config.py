@@ -65,7 +65,7 @@ class DataSection:
     weights: list[float] | None = None  # pretrain: sampling weight per shard set
     shuffle_buffer: int = 1000
     caption_prompts: list[str] = field(default_factory=lambda: list(CAPTION_PROMPTS))
-    conversations: list[str] = field(default_factory=list)  # sft: LLaVA JSON, UniMM-Chat jsonl, ShareGPT files
+    conversations: list[str] = field(default_factory=list)  # sft: LLaVA JSON, UniMM-Chat jsonl/parquet, ShareGPT
     image_folder: str = ""  # sft: where the conversations' image file names live
     max_length: int = 2048
     group_by_length: bool = True  # sft: batches of similar lengths (less padding)
@@ -146,6 +146,15 @@ class TrainConfig:
             )
         if self.train.stage == "pretrain" and not self.data.shards:
             raise ConfigError("stage pretrain reads pair shards: set data.shards (output folders of `mpm data shard`)")
+        weights = self.data.weights
+        if self.train.stage == "pretrain" and weights is not None:
+            if len(weights) != len(self.data.shards):
+                raise ConfigError(
+                    f"data.weights has {len(weights)} values for {len(self.data.shards)} shard sets in data.shards: "
+                    "give one weight per shard set"
+                )
+            if any(w < 0 for w in weights) or sum(weights) <= 0:
+                raise ConfigError(f"data.weights must be non-negative with a positive sum, got {list(weights)}")
         if self.train.stage == "sft" and not self.data.conversations:
             raise ConfigError(
                 "stage sft reads conversations: set data.conversations (LLaVA JSON, UniMM-Chat jsonl, ...)"

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from mpm.core.errors import ModelLoadError, model_errors
+from mpm.core.hub import check_model_source
 from mpm.modeling import AddedTokenEmbeddings, MPMForConditionalGeneration
 from mpm.processor import MPMProcessor
 from mpm.train_config import ModelSection, TrainSection
@@ -38,6 +39,8 @@ def _load_or_assemble(cfg: ModelSection) -> tuple[MPMForConditionalGeneration, M
             raise ModelLoadError(f"model.init_from {folder} holds a {model_type!r} model, not an MPM checkpoint")
         with model_errors("model.init_from", folder):
             return MPMForConditionalGeneration.from_pretrained(folder), MPMProcessor.from_pretrained(folder)
+    for key in ("vision", "llm", "tokenizer"):  # hub ids that cannot be fetched now: one line, in seconds
+        check_model_source(f"model.{key}", getattr(cfg, key))
     try:
         return MPMForConditionalGeneration.from_parts(
             cfg.vision,
@@ -91,13 +94,15 @@ def set_trainable(model: MPMForConditionalGeneration, cfg: TrainSection, shards_
         if head is not None and head.weight is model.get_input_embeddings().weight:
             # tied: the head's rows for these tokens are the same rows, so they train there too (what is merged)
             model.added_token_embeddings.attach_to_head(head)
-    # The connector and the new token rows learn from scratch: the connector's rate.
+    # The connector and the new token rows learn from scratch: the connector's rate. Each group is named: the metrics
+    # log its rate as lr_<name>.
     fresh = ("connector.", "added_token_embeddings.")
-    connector = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(fresh)]
-    others = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(fresh)]
-    groups = [{"params": connector, "lr": cfg.connector_lr}]
-    if others:
-        groups.append({"params": others, "lr": cfg.lr})
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"name": "connector", "params": [p for n, p in named if n.startswith(fresh)], "lr": cfg.connector_lr}]
+    for name, prefix in (("llm", "language_model."), ("vision", "vision_tower.")):
+        params = [p for n, p in named if n.startswith(prefix)]
+        if params:
+            groups.append({"name": name, "params": params, "lr": cfg.lr})
     return groups
 
 

@@ -6,7 +6,17 @@ Formats read by `read_conversations(path)`:
     UniMM-Chat jsonl     {"image_name": "000000000285", "data": [{"from", "value"}, ...]} per line
     ShareGPT / LLaMA-Factory  {"messages": [{"role": "user"|"assistant"|"system", "content"}], "images": [...]}
     a Hugging Face dataset folder written by `write_hf_dataset` (or any with the LLaVA columns)
+    UniMM-Chat parquet   the released files (UniMM-Chat_00000000-00000012.parquet): one conversation per row, columns
+                         ds_name, image (the image's bytes, or a `datasets` Image struct {"bytes", "path"}),
+                         conversation (a JSON string: [{"from": "human"|"gpt", "value"}]), origin_dataset, idx,
+                         image_path; any other .parquet is read row by row like a dataset folder
 `<image>` markers stay in the text, where the format put them.
+
+The parquet files carry their images: each is written once, atomically, into a folder beside the file,
+`{file stem}_images/{image_path}` (never rewritten: a rerun only checks it exists), and the conversation names it by
+its absolute path, so a trainer finds it whatever `data.image_folder` says. The conversation's id is `idx`; a
+conversation without any `<image>` marker gets one at the start of its first user turn (as LLaVA and Muffin do when
+they train on such data).
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mpm.core.errors import DataError
@@ -133,6 +143,9 @@ def read_conversations(path: str | os.PathLike) -> Iterator[Conversation]:
         return
     if not path.is_file():
         raise ConversationFormatError(f"{path}: no such file or folder")
+    if path.suffix == ".parquet":
+        yield from _read_parquet(path)
+        return
     data = path.read_bytes()
     if path.suffix == ".jsonl":
         for number, line in enumerate(data.splitlines(), start=1):
@@ -158,10 +171,116 @@ def _read_dataset_folder(path: Path) -> Iterator[Conversation]:
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
     for i, row in enumerate(ds):
-        row = {k: v for k, v in row.items() if v is not None}
-        if "images" in row and "image" in row:
-            row.pop("image")
-        yield parse_record(row, f"{path} row {i}")
+        yield _parse_row(row, f"{path} row {i}")
+
+
+def _parse_row(row: dict, where: str) -> Conversation:
+    """A row of a table with the LLaVA (or ShareGPT) columns; empty columns are absent."""
+    row = {k: v for k, v in row.items() if v is not None}
+    if "images" in row and "image" in row:
+        row.pop("image")
+    return parse_record(row, where)
+
+
+def parquet_image_folder(path: str | os.PathLike) -> Path:
+    """Where the images of a UniMM-Chat parquet file are written: `{stem}_images/` beside it (an absolute path, not
+    resolved through symlinks, so a file linked from a download cache gets its images beside the link)."""
+    path = Path(os.path.abspath(path))
+    return path.parent / f"{path.stem}_images"
+
+
+def _read_parquet(path: Path) -> Iterator[Conversation]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+        columns = set(table.schema_arrow.names)
+    except (pa.ArrowException, OSError) as exc:
+        raise ConversationFormatError(f"{path}: not a readable parquet file ({exc})") from None
+    folder = parquet_image_folder(path)
+    row = 0
+    try:
+        for batch in table.iter_batches(batch_size=64):  # the released files hold 1.6 GB of images each
+            for record in batch.to_pylist():
+                if "conversation" in columns:
+                    yield _unimm_parquet_row(record, path, row, folder, has_images="image" in columns)
+                else:
+                    yield _parse_row(record, f"{path} row {row}")
+                row += 1
+    except (pa.ArrowException, OSError) as exc:  # a damaged file: the rows before were read
+        raise ConversationFormatError(f"{path}: unreadable after row {row} ({exc})") from None
+
+
+def _unimm_parquet_row(record: dict, path: Path, row: int, folder: Path, has_images: bool) -> Conversation:
+    where = f"{path} row {row}"
+    raw = record.get("conversation")
+    if isinstance(raw, (str, bytes)):
+        turns = _loads(raw, f"{where} field 'conversation'")
+    elif isinstance(raw, list):  # already a list of turns
+        turns = raw
+    else:
+        raise ConversationFormatError(
+            f"{where}: field 'conversation' should be a JSON string of turns, got {type(raw).__name__}"
+        )
+    messages = _turns(turns, f"{where} field 'conversation'", "from", "value", FROM_TO_ROLE)
+    if not messages:
+        raise ConversationFormatError(f"{where}: field 'conversation' has no turns")
+    idx = record.get("idx")
+    conv_id = str(idx) if idx is not None else f"{path.stem}-{row}"
+    meta = {k: record[k] for k in ("ds_name", "origin_dataset", "idx", "image_path") if record.get(k) is not None}
+    if has_images:
+        data, stored_name = _image_bytes(record.get("image"), where)
+        name = _image_name(record.get("image_path"), stored_name, data, conv_id, where)
+        target = folder / name
+        if not target.is_file():  # written once: a rerun, or the next conversation about the same image, keeps it
+            try:
+                atomic_write_bytes(target, data)
+            except OSError as exc:
+                raise DataError(f"{where}: cannot write its image to {target} ({exc})") from None
+        image = str(target)
+    else:  # a copy without the image column: image_path names the image, found through data.image_folder
+        image = _image_name(record.get("image_path"), None, b"", conv_id, where)
+    if not any(IMAGE_TOKEN in m.content for m in messages):
+        first = next((m for m in messages if m.role == "user"), None)
+        if first is not None:
+            first.content = f"{IMAGE_TOKEN}\n{first.content}"
+    return Conversation(conv_id, [image], messages, record.get("lang"), meta)
+
+
+def _image_bytes(value: Any, where: str) -> tuple[bytes, str | None]:
+    """(the image's bytes, the file name a `datasets` Image struct stored with them, if any)."""
+    stored = None
+    if isinstance(value, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
+        stored = value.get("path") if isinstance(value.get("path"), str) else None
+        value = value.get("bytes")
+    if not isinstance(value, (bytes, bytearray)):
+        got = "nothing" if value is None else type(value).__name__
+        raise ConversationFormatError(f"{where}: field 'image' should hold the image's bytes, got {got}")
+    if not value:
+        raise ConversationFormatError(f"{where}: field 'image' is empty (0 bytes)")
+    return bytes(value), stored
+
+
+_MAGIC = {b"\x89PNG": ".png", b"\xff\xd8\xff": ".jpg", b"GIF8": ".gif", b"RIFF": ".webp", b"BM": ".bmp"}
+
+
+def _image_name(image_path: Any, stored: str | None, data: bytes, conv_id: str, where: str) -> str:
+    """A relative file name for the image: `image_path`, else the name the struct stored, else `{id}.{format}`."""
+    if image_path is not None and not isinstance(image_path, str):
+        raise ConversationFormatError(f"{where}: field 'image_path' should be text, got {type(image_path).__name__}")
+    name = image_path or (os.path.basename(stored) if stored else "")
+    if not name:
+        if not data:
+            raise ConversationFormatError(f"{where}: field 'image_path' is empty and the row has no image")
+        ext = next((e for magic, e in _MAGIC.items() if data.startswith(magic)), ".jpg")
+        return f"{conv_id}{ext}"
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if not parts or parts[0] == "/" or ".." in parts or ":" in parts[0]:
+        raise ConversationFormatError(
+            f"{where}: field 'image_path' {name!r} is not a relative file name (no leading /, no ..)"
+        )
+    return "/".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import gzip
 import json
 import os
 import tarfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,10 @@ class TarMember:
     offset: int
     size: int
 
+    @property
+    def where(self) -> str:
+        return f"{self.tar_path} member at byte {self.offset}"
+
 
 @dataclass(frozen=True)
 class DatasetImage:
@@ -57,6 +62,11 @@ class DatasetImage:
     split: str | None
     row: int
     column: str
+
+    @property
+    def where(self) -> str:
+        split = f" split {self.split!r}" if self.split else ""
+        return f"{self.dataset_path}{split} row {self.row} column {self.column!r}"
 
 
 @dataclass
@@ -473,19 +483,40 @@ def _read_hf(path: str, cfg: InputConfig) -> Iterator[InputRow]:
             yield row
 
 
+# Fetch threads share a worker's cache of opened datasets, and `datasets.load_from_disk` is not thread-safe (its
+# progress bar creates, then deletes, a tqdm class lock that another thread's bar may be using): a dataset is opened
+# once per process, under this lock.
+_OPEN_DATASETS_LOCK = threading.Lock()
+
+
+def _open_dataset(source: DatasetImage, datasets_cache: dict):
+    key = (source.dataset_path, source.split, source.column)
+    ds = datasets_cache.get(key)
+    if ds is None:
+        with _OPEN_DATASETS_LOCK:
+            ds = datasets_cache.get(key)
+            if ds is None:  # the first thread opens it; the others waited and use it
+                from datasets import Image
+
+                ds, _ = load_hf_dataset(source.dataset_path, source.split)
+                ds = datasets_cache[key] = ds.cast_column(source.column, Image(decode=False))
+    return ds
+
+
 def read_source_bytes(source: TarMember | DatasetImage, datasets_cache: dict) -> bytes:
-    """Resolve a locator to image bytes (runs in the worker process)."""
+    """Resolve a locator to image bytes (runs in the worker process, from any of its fetch threads).
+
+    `datasets_cache` holds the datasets this process opened (one per worker, shared by its threads). Raises when the
+    image cannot be read; the worker records that as `failed_to_read`, naming `source.where`.
+    """
     if isinstance(source, TarMember):
         with open(source.tar_path, "rb") as f:
             f.seek(source.offset)
-            return f.read(source.size)
-    cache_key = (source.dataset_path, source.split)
-    if cache_key not in datasets_cache:
-        from datasets import Image
-
-        ds, _ = load_hf_dataset(source.dataset_path, source.split)
-        datasets_cache[cache_key] = ds.cast_column(source.column, Image(decode=False))
-    value = datasets_cache[cache_key][source.row][source.column]
+            data = f.read(source.size)
+        if len(data) != source.size:
+            raise EOFError(f"the tar ends {len(data)} bytes into a member of {source.size} bytes")
+        return data
+    value = _open_dataset(source, datasets_cache)[source.row][source.column]
     if value is None:
         raise ValueError(f"row {source.row} has no image in column {source.column!r}")
     if isinstance(value, dict):

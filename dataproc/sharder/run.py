@@ -38,7 +38,10 @@ from mpm.core.files import atomic_write_json, output_folder, remove_temporaries
 logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUSES = ("failed_to_download", "failed_to_decode", "failed_to_resize")
-RETRYABLE_FORMATS = ("parquet", "csv", "tsv", "jsonl", "folder")  # rows whose url can be fetched again
+# Inputs whose rows locate their image inside the input (`InputRow.source`: a tar member, a saved dataset's image),
+# which the shard parquet does not record: --retry-failed reads their failed rows again from the input, and also
+# retries `failed_to_read` (the image could not be read; a row that cannot be read fails the same way again).
+REREAD_FORMATS = ("webdataset", "hf")
 SHARD_ATTEMPTS = 2  # a shard whose task raised (not a sample: the whole task) is tried once more
 CONFIG_FILE, FINGERPRINT_FILE, STAGED_DIR = "config.yaml", "input_fingerprint.json", "_tmp"
 
@@ -67,9 +70,11 @@ def shard(cfg: ShardConfig, show_progress: bool = True) -> dict[str, Any]:
             logger.info("removed %s left by an interrupted run", leftover)
 
         done = completed_shards(out)
+        written = 0  # shards this run finalizes or writes back into
         for shard_id, stats in sorted(done.items()):
             if stats.get("retry_of"):
-                apply_retry(out, shard_id, statuses)  # finishes a retry a killed run had not written back yet
+                # finishes a retry a killed run had not written back yet
+                written += apply_retry(out, shard_id, statuses)
         dedup = _rebuild_dedup(out, done, cfg)
 
         total = count_rows(fmt, files)
@@ -82,14 +87,13 @@ def shard(cfg: ShardConfig, show_progress: bool = True) -> dict[str, Any]:
             smoothing=0.1,
         )
         tasks = _input_tasks(cfg, fmt, files, set(done), staged_dir)
-        failed = _run(tasks, executor, out, staged_dir, dedup, bar, statuses)
+        failed, finalized = _run(tasks, executor, out, staged_dir, dedup, bar, statuses)
+        written += finalized
         if cfg.retry_failed and not failed:
-            if fmt in RETRYABLE_FORMATS:
-                next_id = max(completed_shards(out), default=-1) + 1
-                retries = _retry_tasks(out, cfg, next_id, staged_dir)
-                failed = _run(retries, executor, out, staged_dir, dedup, bar, statuses)
-            else:
-                logger.warning("--retry-failed: failures of %s inputs do not change on a retry; nothing retried", fmt)
+            next_id = max(completed_shards(out), default=-1) + 1
+            retries = _retry_tasks(out, cfg, fmt, files, next_id, staged_dir)
+            failed, finalized = _run(retries, executor, out, staged_dir, dedup, bar, statuses)
+            written += finalized
     except BaseException:
         executor.close(cancel=True)  # Ctrl-C or an error: stop the workers now; a rerun resumes
         raise
@@ -100,6 +104,9 @@ def shard(cfg: ShardConfig, show_progress: bool = True) -> dict[str, Any]:
 
     totals = total_stats(out)
     totals["run"] = {"duration": round(time.time() - started, 3), "input_format": fmt, "failed_shards": failed}
+    if done and not written and not failed:
+        totals["run"]["note"] = _nothing_to_do(totals, fmt, cfg.retry_failed)
+        logger.info(totals["run"]["note"])
     atomic_write_json(out / "stats.json", totals)
     if failed:
         listing = "; ".join(f"{shard_name(i)}: {msg}" for i, msg in sorted(failed.items()))
@@ -184,26 +191,69 @@ def _input_tasks(cfg: ShardConfig, fmt: str, files: list[str], done: set[int], s
         yield ShardTask(shard_id, chunk, keys, str(staged_dir))
 
 
-def _retry_tasks(out: Path, cfg: ShardConfig, next_id: int, staged_dir: Path) -> Iterator[ShardTask]:
+def _retryable_statuses(fmt: str) -> tuple[str, ...]:
+    """The statuses --retry-failed re-attempts for an input format."""
+    return (*RETRYABLE_STATUSES, "failed_to_read") if fmt in REREAD_FORMATS else RETRYABLE_STATUSES
+
+
+def _retry_tasks(
+    out: Path, cfg: ShardConfig, fmt: str, files: list[str], next_id: int, staged_dir: Path
+) -> Iterator[ShardTask]:
     """Failed samples of complete shards, in key order, packed into new shards that keep the original keys."""
     rows: list[InputRow] = []
     keys: list[str] = []
     sources: set[int] = set()
-    for shard_id, stats in sorted(completed_shards(out).items()):
-        if stats.get("retry_of") or not any(stats.get(s, 0) for s in RETRYABLE_STATUSES):
-            continue
-        for record in pq.read_table(out / f"{shard_name(shard_id)}.parquet").to_pylist():
-            if record["status"] not in RETRYABLE_STATUSES:
-                continue
-            extra = {c: record.get(c) for c in cfg.input.save_additional_columns}
-            rows.append(InputRow(url=record["url"], caption=record["caption"], extra=extra))
-            keys.append(record["key"])
-            sources.add(shard_id)
-            if len(rows) == cfg.output.samples_per_shard:
-                yield ShardTask(next_id, rows, keys, str(staged_dir), retry_of=sorted(sources))
-                next_id, rows, keys, sources = next_id + 1, [], [], set()
+    for shard_id, key, row in _rows_to_retry(out, cfg, fmt, files):
+        rows.append(row)
+        keys.append(key)
+        sources.add(shard_id)
+        if len(rows) == cfg.output.samples_per_shard:
+            yield ShardTask(next_id, rows, keys, str(staged_dir), retry_of=sorted(sources))
+            next_id, rows, keys, sources = next_id + 1, [], [], set()
     if rows:
         yield ShardTask(next_id, rows, keys, str(staged_dir), retry_of=sorted(sources))
+
+
+def _failed_records(out: Path, statuses: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+    """(shard id, parquet record) of the samples of complete input shards that ended with one of `statuses`, in
+    key order."""
+    for shard_id, stats in sorted(completed_shards(out).items()):
+        if stats.get("retry_of") or not any(stats.get(s, 0) for s in statuses):
+            continue
+        for record in pq.read_table(out / f"{shard_name(shard_id)}.parquet").to_pylist():
+            if record["status"] in statuses:
+                yield shard_id, record
+
+
+def _rows_to_retry(out: Path, cfg: ShardConfig, fmt: str, files: list[str]) -> Iterator[tuple[int, str, InputRow]]:
+    """(source shard id, key, input row) of every sample to retry, in key order.
+
+    A tabular or folder row is rebuilt from its parquet record (url, caption, saved columns). A webdataset or
+    saved-dataset row locates its image inside the input, which the parquet does not record, so it is read again
+    from the input (checked unchanged when the run started), walking both in key order.
+    """
+    if fmt not in REREAD_FORMATS:
+        for shard_id, record in _failed_records(out, RETRYABLE_STATUSES):
+            extra = {c: record.get(c) for c in cfg.input.save_additional_columns}
+            yield shard_id, record["key"], InputRow(url=record["url"], caption=record["caption"], extra=extra)
+        return
+    n = cfg.output.samples_per_shard
+    inputs = ((make_key(i // n, i % n, n), row) for i, row in enumerate(read_rows(cfg.input, fmt, files)))
+    for shard_id, record in _failed_records(out, _retryable_statuses(fmt)):
+        row = next((row for key, row in inputs if key == record["key"]), None)
+        if row is None:  # cannot happen while the input is unchanged
+            raise ConfigError(f"--retry-failed: sample {record['key']} is not in the input any more")
+        if not row.error:  # a row that cannot be read (bad caption, no image member) fails the same way again
+            yield shard_id, record["key"], row
+
+
+def _nothing_to_do(totals: dict[str, Any], fmt: str, retry_failed: bool) -> str:
+    """What a run that found every shard complete and wrote nothing tells the user."""
+    done = f"all {totals['shards']} shards are already complete ({totals['count']:,} samples)"
+    if retry_failed:
+        return f"{done} and none of their failures can be retried; nothing to do — use --overwrite to start over"
+    retry = " or --retry-failed to re-attempt failures" if any(totals[s] for s in _retryable_statuses(fmt)) else ""
+    return f"{done}; nothing to do — use --overwrite to start over{retry}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,8 +268,11 @@ def _run(
     dedup: Deduplicator,
     bar: tqdm,
     extra_statuses: list[str],
-) -> dict[int, str]:
-    """Run tasks with a bounded number in flight; finalize staged shards in shard order. Returns failed shards."""
+) -> tuple[dict[int, str], int]:
+    """Run tasks with a bounded number in flight; finalize staged shards in shard order.
+
+    Returns the shards that failed ({shard id: message}) and the number of shards finalized.
+    """
     window = 2 * executor.processes  # keeps every worker busy while bounding rows held in memory
     # (shard id, retry_of) of every shard not finalized yet, in shard order. Rows are not kept here: a slow early
     # shard must not make the coordinator hold the rows of every later one.
@@ -231,6 +284,7 @@ def _run(
     counts = {"done": 0, "ok": 0}
     tasks = iter(tasks)
     exhausted = False
+    finalized = 0
 
     def advance(done: int, ok: int) -> None:
         counts["done"] += done
@@ -257,6 +311,7 @@ def _run(
         while order and order[0][0] in ready:
             shard_id, retry_of = order.popleft()
             finalize_shard(out, staged_dir, shard_id, dedup, retry_of=retry_of, extra_statuses=extra_statuses)
+            finalized += 1
             if retry_of:
                 apply_retry(out, shard_id, extra_statuses)
 
@@ -283,4 +338,4 @@ def _run(
         logger.error(
             "shards from %s on are staged but not finalized (an earlier shard failed)", shard_name(order[0][0])
         )
-    return failed
+    return failed, finalized

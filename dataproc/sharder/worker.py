@@ -136,13 +136,17 @@ def process_shard(task: ShardTask, cfg: ShardConfig, progress=None) -> int:
 
     def fetch(i: int) -> bytes | FetchError:
         row = task.rows[i]
-        try:
-            if row.source is not None:
+        if row.source is not None:  # an image inside the input (a tar member, a saved dataset's image): not a download
+            try:
                 return read_source_bytes(row.source, state.datasets_cache)
+            except Exception as exc:  # this sample's problem only; --retry-failed reads it again
+                message = f"{row.source.where}: {type(exc).__name__} reading the image: {exc}"
+                return FetchError(message, status="failed_to_read")
+        try:
             return state.fetcher.fetch(row.url)
         except FetchError as exc:
             return exc
-        except Exception as exc:  # a locator that cannot be resolved is this sample's problem only
+        except Exception as exc:  # an unexpected error fetching one URL is this sample's problem only
             return FetchError(f"{type(exc).__name__}: {exc}")
 
     # 2. Fetch in threads; decode and write in input order so the staged tar is deterministic.

@@ -119,8 +119,9 @@ def finalize_shard(
     return stats
 
 
-def apply_retry(out: Path, retry_shard_id: int, extra_statuses: Sequence[str] = ()) -> None:
-    """Write a complete retry shard's outcomes back into the parquet and stats of the shards it retried.
+def apply_retry(out: Path, retry_shard_id: int, extra_statuses: Sequence[str] = ()) -> int:
+    """Write a complete retry shard's outcomes back into the parquet and stats of the shards it retried. Returns
+    the number of shards rewritten (0 when it was applied already).
 
     Idempotent: a run killed half way through applies it again (rows are replaced by key), and a source shard's
     stats list the retry shards already applied (`retried_into`), written after its parquet.
@@ -128,11 +129,13 @@ def apply_retry(out: Path, retry_shard_id: int, extra_statuses: Sequence[str] = 
     retry_name = shard_name(retry_shard_id)
     retry_stats = json.loads(stats_path(out, retry_shard_id).read_text(encoding="utf-8"))
     retried = {r["key"]: r for r in pq.read_table(out / f"{retry_name}.parquet").to_pylist()}
+    rewritten = 0
     for source_id in retry_stats["retry_of"]:
         source_stats_path = stats_path(out, source_id)
         source_stats = json.loads(source_stats_path.read_text(encoding="utf-8"))
         if retry_shard_id in source_stats.get("retried_into", []):
             continue
+        rewritten += 1
         parquet = out / f"{shard_name(source_id)}.parquet"
         table = pq.read_table(parquet)
         rows = [retried.get(r["key"], r) for r in table.to_pylist()]
@@ -141,3 +144,4 @@ def apply_retry(out: Path, retry_shard_id: int, extra_statuses: Sequence[str] = 
         retried_into = [*source_stats.get("retried_into", []), retry_shard_id]
         stats = shard_stats(rows, timing, extra_statuses, retried_into=retried_into)
         atomic_write_json(source_stats_path, stats)
+    return rewritten

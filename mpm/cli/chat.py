@@ -39,7 +39,7 @@ def chat_command(cfg: ChatCommand, args) -> int:
         raise ConfigError("give the checkpoint to talk to: --model DIR")
     if not cfg.interactive and not cfg.prompt:
         raise ConfigError("give a message to answer, or --interactive")
-    from mpm.chat import interactive, one_shot
+    from mpm.chat import interactive, one_shot, shown
     from mpm.core.images import open_image
     from mpm.inference import load_model
 
@@ -52,7 +52,7 @@ def chat_command(cfg: ChatCommand, args) -> int:
     if cfg.interactive:  # --image and the message, if given, are the first turn's
         interactive(model, processor, images=cfg.image, first=cfg.prompt, **generation)
     else:
-        print(one_shot(model, processor, cfg.prompt, cfg.image, raw=cfg.raw, **generation))
+        print(shown(one_shot(model, processor, cfg.prompt, cfg.image, raw=cfg.raw, **generation)))
     return 0
 
 

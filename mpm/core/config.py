@@ -13,6 +13,7 @@ Every package's typed dataclasses (the sharder's, the recipes', ...) are filled 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -69,6 +70,24 @@ def _container_mismatch(base, layer, prefix: str = "") -> tuple[str, str]:
     return "", ""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true / false. YAML 1.1 also reads no, yes, on and off as booleans, which
+    turns `train.mixed_precision: no` into False; a key typed bool still accepts them (OmegaConf converts)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def nest_flat(flat: Mapping[str, Any]) -> dict:
     """{"resize.image_size": 256} -> {"resize": {"image_size": 256}}."""
     nested: dict = {}
@@ -103,7 +122,7 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            content = parse_yaml(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(content, dict):
@@ -112,11 +131,12 @@ def load_config(
     if flags:
         merged = _merge(merged, OmegaConf.create(nest_flat(flags)), "command-line flag")
     for item in overrides:
-        if "=" not in item:
+        key, equals, text = item.partition("=")
+        if not equals or not key.strip():
             raise ConfigError(f"override {item!r} must look like key.sub=value")
-        try:
-            layer = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as exc:
+        try:  # the value is YAML (`[en, zh]`, `null`, `1e-4`), with YAML 1.2's booleans: `no` stays a string
+            layer = OmegaConf.create(nest_flat({key.strip(): parse_yaml(text) if text.strip() else None}))
+        except (yaml.YAMLError, OmegaConfBaseException) as exc:
             raise ConfigError(f"override {item!r}: {_first_line(exc)}") from None
         merged = _merge(merged, layer, f"override {item!r}")
     try:

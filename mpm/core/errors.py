@@ -37,8 +37,12 @@ class ExportError(UserError, ValueError):
 
 @contextmanager
 def model_errors(key: str, value) -> Iterator[None]:
-    """Errors while loading the model that config key `key` names become a one-line `ModelLoadError`: transformers
-    raises OSError (no such folder or hub id, no weights) or ValueError (an unknown or unreadable config)."""
+    """Loading the model that config key `key` names: a hub id that cannot be fetched now fails at once
+    (mpm.core.hub), and errors while loading become a one-line `ModelLoadError`: transformers raises OSError (no
+    such folder or hub id, no weights) or ValueError (an unknown or unreadable config)."""
+    from mpm.core.hub import check_model_source
+
+    check_model_source(key, value)
     try:
         yield
     except (OSError, ValueError) as exc:

@@ -111,6 +111,16 @@ class ChatClient:
                 resp = self.pool.request(
                     "POST", self.url, body=body, headers=self.headers, timeout=urllib3.Timeout(total=self.timeout_s)
                 )
+            except urllib3.exceptions.NewConnectionError as exc:
+                # Nothing listens there, or the name does not resolve: waiting will not fix it (one quick second
+                # try covers a server that is just starting). Fatal: every other request would fail the same way.
+                if attempt >= 1:
+                    raise LLMError(
+                        f"cannot connect to {self.url} ({_reason(exc)}): is the server running? Check the endpoint URL "
+                        "(--base-url / openai.base_url)",
+                        fatal=True,
+                    ) from None
+                last, wait = f"{type(exc).__name__}: {exc}", 0.5
             except urllib3.exceptions.HTTPError as exc:
                 last = f"{type(exc).__name__}: {exc}"
             else:
@@ -175,6 +185,11 @@ class ChatClient:
             return self.complete(messages)
         except LLMError as exc:
             return exc
+
+
+def _reason(exc: Exception) -> str:
+    """The last part of urllib3's message: "[Errno 111] Connection refused", "Failed to resolve 'host' (...)"."""
+    return str(exc).rsplit(": ", 1)[-1]
 
 
 def _content(data: bytes) -> str:

@@ -7,6 +7,8 @@ import os
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedModel
 
+from mpm.core.hub import check_model_source
+
 
 def load_llm(
     llm: str | PreTrainedModel | PreTrainedConfig,
@@ -23,12 +25,14 @@ def load_llm(
     elif isinstance(llm, PreTrainedModel):
         model = llm
     else:
+        check_model_source("llm", llm)
         model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
     if tokenizer is None:
         if not isinstance(llm, str | os.PathLike):
             raise ValueError("`tokenizer` is needed when the LLM is given as a config or a model object")
         tokenizer = AutoTokenizer.from_pretrained(llm, trust_remote_code=trust_remote_code)
     elif isinstance(tokenizer, str | os.PathLike):
+        check_model_source("tokenizer", tokenizer)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:

@@ -9,9 +9,11 @@ metrics log, and the check that a resumed run has the settings it started with.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +63,8 @@ class Checkpoints:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True)
+        with _quiet_shared_tensor_notice():
+            accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()  # every rank's RNG file is written before the checkpoint counts as whole
         if accelerator.is_main_process:
             weights = "selected" if self.keep is not None else "all"
@@ -107,6 +110,25 @@ class Checkpoints:
         # Weights missing from a checkpoint that holds only some keep the values the rebuilt model has.
         accelerator.load_state(str(folder), **({} if sharded or state["weights"] == "all" else {"strict": False}))
         return state
+
+
+class _SharedTensorNotice(logging.Filter):
+    """accelerate notes on every save that tied weights (an LM head sharing the embedding) are written once; they
+    load back tied, so the notice says nothing a user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_shared_tensor_notice():
+    log = logging.getLogger("accelerate.utils.other")
+    notice = _SharedTensorNotice()
+    log.addFilter(notice)
+    try:
+        yield
+    finally:
+        log.removeFilter(notice)
 
 
 def check_resume(out: Path, cfg: Any, resumable: Sequence[str], filename: str = "train_config.yaml") -> None:

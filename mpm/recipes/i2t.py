@@ -194,11 +194,10 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
                     f"no usable training sample among the last {dry} (all skipped, reasons in the warnings "
                     "above): check the shards' images, data.image_folder and data.max_length"
                 )
-            lrs = scheduler.get_last_lr()
+            rates = {f"lr_{g['name']}": lr for g, lr in zip(optimizer.param_groups, scheduler.get_last_lr())}
             metrics.log(step, {
                 "loss": round(totals["nll"] / max(totals["tokens"], 1), 5),  # per supervised token
-                "lr": lrs[-1],  # the LLM's / vision tower's rate, or the connector's when only it trains
-                "lr_connector": lrs[0],
+                **rates,  # lr_connector, and lr_llm / lr_vision when those train
                 "grad_norm": round(float(grad_norm), 5),
                 "tokens": int(totals["tokens"]),  # supervised tokens
                 "samples": int(totals["samples"]),

@@ -247,3 +247,29 @@ def test_a_raw_prompt_keeps_its_bos_when_batched_with_chat_requests(saved, tmp_p
     generate(llava, llava_processor, [Request([RED], MESSAGES), raw], max_new_tokens=1, batch_size=2)
     mixed = seen[-1][1].tolist()
     assert alone[0] == bos and mixed[-len(alone) :] == alone  # the same tokens, BOS first, after the left padding
+
+
+def test_an_empty_answer_says_so_and_help_lists_the_commands(saved, tmp_path, capsys, monkeypatch):
+    model, processor = load_model(saved(), device="cpu")
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.language_model.lm_head = ScriptedHead([eos], filler=eos, vocab=len(processor.tokenizer))  # stops at once
+    script = iter(["/help", "/hepl", "Hi", "/quit"])
+    said = []
+    interactive(model, processor, read=lambda _: next(script), write=said.append, max_new_tokens=3)
+    assert said[1].startswith("commands: /image PATH") and "/help" in said[1]  # /help answers, not the model
+    assert said[2].startswith("unknown command /hepl")
+    assert said[3] == "model> (empty answer: the model produced only whitespace or stopped at once)"
+    monkeypatch.setattr("mpm.inference.load_model", lambda *a, **k: (model, processor))
+    RED.save(tmp_path / "red.png")
+    assert main(["chat", "--model", str(tmp_path), "--image", str(tmp_path / "red.png"), "Hi"]) == 0
+    assert capsys.readouterr().out.strip() == "(empty answer: the model produced only whitespace or stopped at once)"
+
+
+def test_generate_places_images_without_markers_first_as_the_cli_does(saved):
+    model, processor = load_model(saved(), device="cpu")
+    marked = Request([RED, NOISE], [{"role": "user", "content": "<image><image>\nSame colour?"}])
+    bare = Request([RED, NOISE], [{"role": "user", "content": "Same colour?"}])
+    raw_marked, raw_bare = Request([RED], prompt="<image>\nA photo of"), Request([RED], prompt="A photo of")
+    assert generate(model, processor, [bare, raw_bare], max_new_tokens=4) == generate(
+        model, processor, [marked, raw_marked], max_new_tokens=4
+    )

@@ -38,11 +38,18 @@ def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_pretrain_through_the_cli_lowers_the_loss(tiny_parts, colour_shards, tmp_path):
+def test_pretrain_through_the_cli_lowers_the_loss(tiny_parts, colour_shards, tmp_path, caplog, capfd):
     out = tmp_path / "run"
     args = ["train", "i2t", "--config", TINY, "--no-progress", *parts(tiny_parts), f"data.shards=[{colour_shards}]",
             f"train.output_dir={out}", "train.max_steps=60", "train.log_every=10", "train.save_every=30"]  # fmt: skip
-    assert main(args) == 0
+    with caplog.at_level("INFO"):
+        assert main(args) == 0
+    noise = [
+        r.getMessage() for r in caplog.records if "shared tensor" in r.getMessage() or "multivariate" in r.getMessage()
+    ]
+    assert not noise  # harmless library notices are not printed on every run
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert "lr_connector" in row and "lr" not in row and "lr_llm" not in row  # the LLM is frozen: no rate of its own
     curve = losses(out)  # the frozen LLM already writes "A ... picture."; the connector must tell it the colour
     assert len(curve) == 6 and curve[-1] < 0.3 * curve[0], curve
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000030", "step-0000060"]
@@ -235,6 +242,7 @@ def test_sft_with_lora_skips_bad_images_and_slices(tiny_parts, tmp_path):
              "model.scale_resolution=32", "train.lr=5e-3", "train.report_to=[tensorboard]"]  # fmt: skip
     assert main(sft_args(tiny_parts, conversations, out, *extra)) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["lr_llm"] > 0 and rows[0]["lr_connector"] > rows[0]["lr_llm"]  # each rate under its own name
     assert sum(r["skipped"] for r in rows) > 0  # the missing and the corrupt image, each time they come up
     assert rows[-1]["loss"] < 0.95 * rows[0]["loss"], [r["loss"] for r in rows]  # LoRA learns the dialogues
     assert (out / "final" / "lora_adapter" / "adapter_config.json").exists()
@@ -449,7 +457,8 @@ def test_a_resumed_run_whose_remaining_steps_have_nothing_usable_finishes(tiny_p
     assert (out / "final" / "model.safetensors").exists()  # it learned before the checkpoint: not "nothing usable"
 
 
-def test_bad_paths_are_clear_errors_before_the_model_loads(tiny_parts, tmp_path, capsys):
+def test_bad_paths_are_clear_errors_before_the_model_loads(tiny_parts, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")  # no network: the hub id fails in seconds
     conversations = write_conversations(tmp_path / "data")
     missing = tmp_path / "nowhere.json"
     assert main(sft_args(tiny_parts, missing, tmp_path / "a")) == 2
@@ -464,7 +473,10 @@ def test_bad_paths_are_clear_errors_before_the_model_loads(tiny_parts, tmp_path,
     args[-2] = f"data.shards=[{tmp_path / 'data'}]"
     (tmp_path / "data" / "00000.tar").write_bytes(b"")
     assert main(args) == 2
-    assert "cannot load model.vision='no/such-tower'" in capsys.readouterr().err
+    assert "model.vision='no/such-tower' is not a local folder, and the model hub" in capsys.readouterr().err
+    args[-2] = f"data.shards=[{tmp_path / 'data'},{tmp_path / 'data'}]"  # pretraining's data checked first too
+    assert main([*args, "data.weights=[1.0]"]) == 2
+    assert "data.weights has 1 values for 2 shard sets" in capsys.readouterr().err
 
 
 def test_a_moved_run_resumes_and_another_process_count_is_refused(tiny_parts, tmp_path):

@@ -2,13 +2,24 @@ import gzip
 import io
 import json
 import tarfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dataproc.sharder import readers
 from dataproc.sharder.config import ShardConfig
-from dataproc.sharder.readers import DatasetImage, TarMember, read_rows, read_source_bytes, resolve_input
+from dataproc.sharder.readers import (
+    DatasetImage,
+    TarMember,
+    load_hf_dataset,
+    read_rows,
+    read_source_bytes,
+    resolve_input,
+)
 from mpm.core.config import load_config
 from mpm.core.errors import ConfigError
 from tests.conftest import image_bytes
@@ -157,6 +168,9 @@ def test_webdataset_shards_as_input(tmp_path):
         and rows[0].extra == {"similarity": 0.3}
     )
     assert isinstance(rows[0].source, TarMember) and read_source_bytes(rows[0].source, {}) == jpg
+    beyond_the_end = TarMember(rows[0].source.tar_path, rows[0].source.offset, 10**6)  # the tar was cut short
+    with pytest.raises(EOFError, match="the tar ends .* bytes into a member of 1000000 bytes"):
+        read_source_bytes(beyond_the_end, {})
     assert rows[1].caption == "from json" and rows[1].url.endswith("in-00000.tar#s2")
     assert "no image member" in rows[2].error
     assert "not valid UTF-8" in rows[3].error
@@ -188,3 +202,35 @@ def test_unknown_input_is_a_clear_error(tmp_path):
     (tmp_path / "list.xlsx").write_text("x")
     with pytest.raises(ConfigError, match="cannot tell its format"):
         rows_of(tmp_path / "list.xlsx")
+
+
+def test_a_saved_dataset_is_opened_once_per_process_from_many_fetch_threads(tmp_path, monkeypatch):
+    # The fetch threads of a worker share its cache of opened datasets. datasets' load_from_disk is not thread-safe
+    # (its progress bar deletes a tqdm class lock another thread is using): opening the dataset from every thread at
+    # once failed some samples with "AttributeError: 'tqdm' object has no attribute '_lock'".
+    datasets = pytest.importorskip("datasets")
+    images = [image_bytes(colour=(10 * i, 0, 0)) for i in range(16)]
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"bytes": b, "path": None} for b in images], "caption": ["x"] * 16},
+        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}),
+    )
+    ds.save_to_disk(str(tmp_path / "ds"), num_shards=8)
+    opened = []
+
+    def slow_load(path, split):  # a real load, slowed down so every thread asks for the dataset while it loads
+        opened.append(path)
+        time.sleep(0.1)
+        return load_hf_dataset(path, split)
+
+    monkeypatch.setattr(readers, "load_hf_dataset", slow_load)
+    cache: dict = {}
+    start = threading.Barrier(16)
+
+    def read(row: int) -> bytes:
+        start.wait()
+        return read_source_bytes(DatasetImage(str(tmp_path / "ds"), None, row, "image"), cache)
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(read, range(16)))
+    assert got == images
+    assert opened == [str(tmp_path / "ds")]

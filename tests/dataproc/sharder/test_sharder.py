@@ -17,9 +17,11 @@ from PIL import Image
 
 from dataproc.shard_layout import STATUSES, completed_shards, total_stats
 from dataproc.sharder import ShardRunError, shard
+from dataproc.sharder.filters import Filter
 from mpm.core.errors import ConfigError
 from tests.conftest import distinct_jpeg, image_bytes
 from tests.dataproc.sharder.test_images import png_header_only
+from tests.dataproc.sharder.test_readers import write_tar
 
 REPO = Path(__file__).parents[3]
 
@@ -384,3 +386,125 @@ def test_a_shard_that_cannot_be_written_fails_the_run_and_a_rerun_resumes(tmp_pa
     assert counts(totals) == counts(
         shard(make_config(src, tmp_path / "clean", output__samples_per_shard=6), show_progress=False)
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saved datasets and tar shards as input: images read from the input, not downloaded
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_dataset(path: Path, n: int, num_shards: int = 1) -> list[bytes]:
+    """A Hugging Face dataset saved with save_to_disk: an `image` column and a caption. Returns the images."""
+    datasets = pytest.importorskip("datasets")
+    images = [distinct_jpeg(i) for i in range(n)]
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"bytes": b, "path": None} for b in images], "caption": [f"{CAPTION} {i}" for i in range(n)]},
+        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}),
+    )
+    ds.save_to_disk(str(path), num_shards=num_shards)
+    return images
+
+
+def test_a_saved_dataset_read_from_many_fetch_threads_loses_no_sample(tmp_path, make_config):
+    # Every fetch thread of a fresh worker process opened the dataset at once, and datasets' load_from_disk is not
+    # thread-safe: 1-3 samples in 48 ended as failed_to_download "'tqdm' object has no attribute '_lock'". A
+    # dataset of many files widens the window; each run starts new worker processes.
+    images = save_dataset(tmp_path / "ds", 48, num_shards=48)
+    for run in range(2):
+        out = tmp_path / f"out{run}"
+        cfg = make_config(tmp_path / "ds", out, output__samples_per_shard=16, fetch__threads=16, executor__processes=2)
+        totals = shard(cfg, show_progress=False)
+        rows = records(out)
+        assert totals["successes"] == 48, {k: r["error_message"] for k, r in rows.items() if r["status"] != "success"}
+        assert [rows[k]["sha256"] for k in sorted(rows)] == [sha(image) for image in images]
+
+
+class FailReadsWhileMarked(Filter):
+    """Test hook for a transient read failure. A `filters.extra` block is built in every worker process whatever
+    the start method (fork, spawn, Ray), so its `__init__` can make reading the listed images from the input
+    (a saved dataset's image, a tar member) fail there while the file `marker` exists. It keeps every sample."""
+
+    name, reason, stage = "fail_reads", "never", "caption"
+
+    def __init__(self, marker: str, sha256: list[str]):
+        from dataproc.sharder import worker
+
+        read = worker.read_source_bytes
+
+        def flaky(source, cache):
+            data = read(source, cache)
+            if os.path.exists(marker) and sha(data) in sha256:
+                raise OSError("simulated: the disk went away")
+            return data
+
+        worker.read_source_bytes = flaky
+
+    def check(self, sample):
+        return None
+
+
+@pytest.mark.parametrize("kind", ["hf", "webdataset"])
+def test_retry_failed_reads_again_what_could_not_be_read_from_the_input(tmp_path, make_config, kind):
+    n = 10
+    if kind == "hf":
+        src = tmp_path / "ds"
+        images = save_dataset(src, n)
+    else:
+        src = tmp_path / "in.tar"
+        images = [distinct_jpeg(i) for i in range(n)]
+        members = [
+            (f"s{i:02d}.{ext}", data)
+            for i in range(n)
+            for ext, data in [("jpg", images[i]), ("txt", f"{CAPTION} {i}".encode())]
+        ]
+        write_tar(src, members)
+    marker = tmp_path / "disk-is-down"
+    marker.touch()
+    extra = [
+        {"name": f"{__name__}:FailReadsWhileMarked", "marker": str(marker), "sha256": [sha(images[i]) for i in (2, 7)]}
+    ]
+    cfg = make_config(src, output__samples_per_shard=4, filters__extra=extra)
+    out = Path(cfg.output.path)
+    first = shard(cfg, show_progress=False)
+    # Nothing was downloaded: the sample could not be read from the input, and the message says where and why.
+    assert (first["failed_to_read"], first["failed_to_download"], first["successes"]) == (2, 0, n - 2)
+    failed = {k: r for k, r in records(out).items() if r["status"] != "success"}
+    assert all(
+        "OSError reading the image: simulated: the disk went away" in r["error_message"] for r in failed.values()
+    )
+    assert str(src) in next(iter(failed.values()))["error_message"]
+
+    marker.unlink()  # the disk is back
+    retried = shard(
+        make_config(src, output__samples_per_shard=4, filters__extra=extra, retry_failed=True), show_progress=False
+    )
+    assert (retried["successes"], retried["failed_to_read"], retried["retry_shards"]) == (n, 0, 1)
+    rows = records(out)
+    assert [rows[k]["sha256"] for k in sorted(rows)] == [sha(image) for image in images]
+    for key, before in failed.items():  # the retried rows keep their key, url and caption
+        assert (rows[key]["url"], rows[key]["caption"]) == (before["url"], before["caption"])
+    assert sorted(tar_keys(out)) == sorted(rows)
+
+
+def test_rerunning_a_finished_job_says_there_is_nothing_to_do(tmp_path, capsys):
+    from mpm.cli import main
+
+    src = local_pairs(tmp_path, 8)
+    (tmp_path / "img" / "5.jpg").unlink()  # one sample fails: --retry-failed would have something to do
+    args = [
+        "data", "shard", "--input", str(src), "--output", str(tmp_path / "out"), "--samples-per-shard", "4",
+        "--processes", "1", "--threads", "2", "--image-size", "32", "--no-progress",
+    ]  # fmt: skip
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "nothing to do" not in first and "failed_to_download" in first
+    assert main(args) == 0
+    again = capsys.readouterr().out
+    note = (
+        "all 2 shards are already complete (8 samples); nothing to do — use --overwrite to start over or "
+        "--retry-failed to re-attempt failures\n"
+    )
+    assert note in again and again.replace(note, "") == first  # said plainly, with the same summary table

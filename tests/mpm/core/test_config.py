@@ -69,3 +69,14 @@ def test_a_value_of_the_wrong_shape_names_its_key(tmp_path):
         load_config(ShardConfig, tmp_path / "c.yaml")
     with pytest.raises(ConfigError, match=r"filters.languages.*write \[a, b\], or \[a\] for one item"):
         load_config(ShardConfig, None, None, ["filters.languages=en"])
+
+
+def test_no_yes_on_off_stay_strings_where_a_string_is_expected(tmp_path):
+    from mpm.train_config import TrainConfig
+
+    cfg = load_config(TrainConfig, None, None, ["train.mixed_precision=no", "train.gradient_checkpointing=yes"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.gradient_checkpointing is True  # a bool key converts
+    (tmp_path / "c.yaml").write_text("train:\n  mixed_precision: no\n  gradient_checkpointing: off\n")
+    cfg = load_config(TrainConfig, tmp_path / "c.yaml")
+    assert cfg.train.mixed_precision == "no" and cfg.train.gradient_checkpointing is False
+    assert load_config(ShardConfig, None, None, ["filters.languages=[en, 'no']"]).filters.languages == ["en", "no"]

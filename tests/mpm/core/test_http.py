@@ -1,5 +1,7 @@
 """The OpenAI-compatible client, against a real server on 127.0.0.1."""
 
+import time
+
 import pytest
 
 from mpm.core.http import ChatClient, LLMError
@@ -17,8 +19,10 @@ def test_chat_client_sends_the_key_and_reports_unreachable_servers(chat_server, 
     client = ChatClient(server.base_url, "m", api_key_env="TEST_KEY", retries=0)
     assert client.headers["Authorization"] == "Bearer sk-test"
     assert client.complete([{"role": "user", "content": "hi"}]) == "ok" and seen["model"] == "m"
-    dead = ChatClient("http://127.0.0.1:1/v1", "m", retries=1, backoff_s=0.01)
-    with pytest.raises(LLMError, match="after 2 attempts"):
+    dead = ChatClient("http://127.0.0.1:1/v1", "m", retries=4, backoff_s=2.0)
+    start = time.monotonic()
+    with pytest.raises(LLMError, match=r"cannot connect to http://127.0.0.1:1/v1/chat/completions \(.*refused") as info:
         dead.complete([{"role": "user", "content": "hi"}])
+    assert info.value.fatal and time.monotonic() - start < 2  # refused: no 2 + 4 + 8 + 16 s of backoff
     with pytest.raises(ValueError, match="base_url"):
         ChatClient("localhost:8000", "m")
