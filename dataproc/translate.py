@@ -125,7 +125,7 @@ class HFTranslator:
             if self.max_new_tokens == max_new_tokens
             else f"the model's limit of {self.max_new_tokens} tokens (its decoder has {target_limit} positions)"
         )
-        if self.max_new_tokens < max_new_tokens:
+        if self.max_new_tokens < max_new_tokens - 1:  # (512 asked, 511 possible: Marian's default, not worth a warning)
             logger.warning(
                 "%s writes at most %d tokens (its decoder has %d positions): generation stops there, not at "
                 "hf.max_new_tokens=%d; a translation cut there is rejected (translation_failed)",

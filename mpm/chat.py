@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from mpm.core.errors import UserError
@@ -70,7 +71,10 @@ def interactive(
         if line.startswith("/image "):
             _add_image(line[len("/image ") :].strip(), pending, write)
             continue
-        if line.startswith("/") and " " not in line:  # a mistyped command would otherwise go to the model
+        if line == "/image":
+            write("give the image's path: /image PATH")
+            continue
+        if re.fullmatch(r"/[a-z]+", line):  # a mistyped command (not "/r/aww" or "/ hello") would go to the model
             write(f"unknown command {line}: {HELP}")
             continue
         turn = {"role": "user", "content": with_markers(processor, line, len(pending))}

@@ -88,8 +88,9 @@ def placed(request: Request, processor) -> Request:
     if request.prompt is not None:
         return Request(request.images, prompt=with_markers(processor, request.prompt, len(request.images)))
     marker = image_marker(processor)
-    if not request.images or any(marker in m.get("content", "") for m in request.messages):
-        return request
+    contents = [m.get("content", "") for m in request.messages]
+    if not request.images or any(not isinstance(c, str) or marker in c for c in contents):
+        return request  # markers placed already, or content parts ([{"type": "image"}, ...]) the template places
     messages = [dict(m) for m in request.messages]
     first = next((m for m in messages if m.get("role") == "user"), None)
     if first is not None:

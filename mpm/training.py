@@ -25,7 +25,7 @@ def build_model(cfg: ModelSection) -> tuple[MPMForConditionalGeneration, MPMProc
     implementation set when `attn_implementation` is given."""
     model, processor = _load_or_assemble(cfg)
     if cfg.attn_implementation:
-        with model_errors("model.attn_implementation", cfg.attn_implementation):
+        with model_errors("model.attn_implementation", cfg.attn_implementation, is_model=False):
             model.language_model.set_attn_implementation(cfg.attn_implementation)
     return model, processor
 
@@ -103,6 +103,10 @@ def set_trainable(model: MPMForConditionalGeneration, cfg: TrainSection, shards_
         params = [p for n, p in named if n.startswith(prefix)]
         if params:
             groups.append({"name": name, "params": params, "lr": cfg.lr})
+    grouped = {id(p) for g in groups for p in g["params"]}
+    missing = [n for n, p in named if id(p) not in grouped]
+    if missing:  # a trainable part the groups do not know would silently never train
+        raise RuntimeError(f"trainable parameters in no optimizer group: {missing[:5]}")
     return groups
 
 

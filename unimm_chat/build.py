@@ -145,9 +145,10 @@ def _generate_with_llm(cfg: BuildConfig, records, names, tally: _Tally, bar, cac
                 errors_in_a_row += 1
                 tally.reject("llm_error", record, str(reply))
                 if reply.fatal or errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
+                    what = str(reply) if reply.fatal else f"{errors_in_a_row} requests in a row failed ({reply})"
                     raise EndpointFailing(
-                        f"stopping: {'this error' if reply.fatal else f'{errors_in_a_row} requests in a row'} failed "
-                        f"({reply}). Fix the endpoint settings and rerun: accepted replies are cached in {cache_path}."
+                        f"stopping: {what}. Fix the endpoint settings and rerun: accepted replies are cached in "
+                        f"{cache_path}."
                     )
                 continue
             errors_in_a_row = 0

@@ -170,6 +170,9 @@ def filter_class(name: str, key: str) -> type[Filter]:
     return cls
 
 
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
 def check_extra_filters(entries: list[dict[str, Any]]) -> None:
     """Called when the config loads: every `filters.extra` entry names a filter, its options fit that class's
     `__init__`, and each reason is its own (two filters counting into one status would hide which one dropped)."""
@@ -183,6 +186,13 @@ def check_extra_filters(entries: list[dict[str, Any]]) -> None:
             )
         cls = filter_class(name, f"{key}.name")
         options = {k: v for k, v in entry.items() if k != "name"}
+        parameters = inspect.signature(cls).parameters
+        for option, value in options.items():
+            # YAML 1.2 booleans (mpm.core.config): `strict: off` arrives as the string "off"; a bool option says so
+            if option in parameters and parameters[option].annotation in (bool, "bool") and isinstance(value, str):
+                if value.lower() not in BOOL_WORDS:
+                    raise ConfigError(f"`{key}.{option}` ({name}) takes true or false, got {value!r}")
+                entry[option] = options[option] = BOOL_WORDS[value.lower()]
         try:
             inspect.signature(cls).bind(**options)
         except TypeError as exc:

@@ -36,13 +36,15 @@ class ExportError(UserError, ValueError):
 
 
 @contextmanager
-def model_errors(key: str, value) -> Iterator[None]:
+def model_errors(key: str, value, is_model: bool = True) -> Iterator[None]:
     """Loading the model that config key `key` names: a hub id that cannot be fetched now fails at once
-    (mpm.core.hub), and errors while loading become a one-line `ModelLoadError`: transformers raises OSError (no
-    such folder or hub id, no weights) or ValueError (an unknown or unreadable config)."""
-    from mpm.core.hub import check_model_source
+    (mpm.core.hub; `is_model=False` for a value that is a setting, not a folder or hub id), and errors while loading
+    become a one-line `ModelLoadError`: transformers raises OSError (no such folder or hub id, no weights) or
+    ValueError (an unknown or unreadable config)."""
+    if is_model:
+        from mpm.core.hub import check_model_source
 
-    check_model_source(key, value)
+        check_model_source(key, value)
     try:
         yield
     except (OSError, ValueError) as exc:

@@ -114,7 +114,7 @@ class ChatClient:
             except urllib3.exceptions.NewConnectionError as exc:
                 # Nothing listens there, or the name does not resolve: waiting will not fix it (one quick second
                 # try covers a server that is just starting). Fatal: every other request would fail the same way.
-                if attempt >= 1:
+                if attempt >= 1 or self.retries == 0:
                     raise LLMError(
                         f"cannot connect to {self.url} ({_reason(exc)}): is the server running? Check the endpoint URL "
                         "(--base-url / openai.base_url)",

@@ -108,7 +108,13 @@ class Checkpoints:
             )
         sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         # Weights missing from a checkpoint that holds only some keep the values the rebuilt model has.
-        accelerator.load_state(str(folder), **({} if sharded or state["weights"] == "all" else {"strict": False}))
+        try:
+            accelerator.load_state(str(folder), **({} if sharded or state["weights"] == "all" else {"strict": False}))
+        except ValueError as exc:  # torch: "loaded state dict contains a parameter group that doesn't match ..."
+            raise ConfigError(
+                f"{folder} cannot be resumed: its optimizer trains other parameter groups ({exc}); use a new "
+                "train.output_dir"
+            ) from None
         return state
 
 

@@ -121,7 +121,10 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
     step, epoch, consumed, state = 0, 0, 0, {}
     latest = checkpoints.latest()
     if latest is not None:
+        names = [g["name"] for g in optimizer.param_groups]
         state = Checkpoints.load(accelerator, latest)
+        for group, name in zip(optimizer.param_groups, names):  # torch replaces the groups with the saved ones
+            group["name"] = name
         step, epoch, consumed = state["step"], state["epoch"], state["batches_in_epoch"]
         logger.info("resuming from %s (step %d)", latest, step)
     if t.report_to:

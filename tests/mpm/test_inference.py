@@ -253,12 +253,13 @@ def test_an_empty_answer_says_so_and_help_lists_the_commands(saved, tmp_path, ca
     model, processor = load_model(saved(), device="cpu")
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.language_model.lm_head = ScriptedHead([eos], filler=eos, vocab=len(processor.tokenizer))  # stops at once
-    script = iter(["/help", "/hepl", "Hi", "/quit"])
+    script = iter(["/help", "/hepl", "/image", "/r/aww", "/quit"])
     said = []
     interactive(model, processor, read=lambda _: next(script), write=said.append, max_new_tokens=3)
     assert said[1].startswith("commands: /image PATH") and "/help" in said[1]  # /help answers, not the model
     assert said[2].startswith("unknown command /hepl")
-    assert said[3] == "model> (empty answer: the model produced only whitespace or stopped at once)"
+    assert said[3] == "give the image's path: /image PATH"
+    assert said[4] == "model> (empty answer: the model produced only whitespace or stopped at once)"  # "/r/aww": text
     monkeypatch.setattr("mpm.inference.load_model", lambda *a, **k: (model, processor))
     RED.save(tmp_path / "red.png")
     assert main(["chat", "--model", str(tmp_path), "--image", str(tmp_path / "red.png"), "Hi"]) == 0

@@ -48,12 +48,13 @@ class TooDarkFilter(Filter):
 
     name, reason, stage = "too_dark", "too_dark", "image"
 
-    def __init__(self, min_brightness: float = 40):
-        self.min_brightness = min_brightness
+    def __init__(self, min_brightness: float = 40, inclusive: bool = False):
+        self.min_brightness, self.inclusive = min_brightness, inclusive
 
     def check(self, sample: Sample) -> str | None:
         mean = ImageStat.Stat(sample.image.convert("L")).mean[0]
-        return f"mean brightness {mean:.0f} < {self.min_brightness}" if mean < self.min_brightness else None
+        dark = mean <= self.min_brightness if self.inclusive else mean < self.min_brightness
+        return f"mean brightness {mean:.0f} < {self.min_brightness}" if dark else None
 
 
 # The import-path form: spawned worker processes import this module, so they find the classes without the registry.
@@ -152,6 +153,14 @@ def test_extra_filters_from_yaml_and_overrides(tmp_path):
     assert build_filters(cfg.filters)[-2].min_brightness == 12.5
     cfg = load_config(ShardConfig, path, overrides=["filters.extra=[{name: no_digits}]"])
     assert cfg.filters.extra == [{"name": "no_digits"}]
+    # YAML 1.2 booleans: `off` is a string until the option's type says it is a bool
+    path.write_text("filters:\n  extra:\n    - name: too_dark\n      inclusive: off\n      min_brightness: 1e-3\n")
+    block = build_filters(load_config(ShardConfig, path).filters)[-1]
+    assert block.inclusive is False and block.min_brightness == 0.001
+    with pytest.raises(
+        ConfigError, match=r"`filters.extra\[0\].inclusive` \(too_dark\) takes true or false, got 'maybe'"
+    ):
+        load_config(ShardConfig, None, overrides=["filters.extra=[{name: too_dark, inclusive: maybe}]"])
 
 
 @pytest.mark.parametrize(

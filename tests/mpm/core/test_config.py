@@ -80,3 +80,9 @@ def test_no_yes_on_off_stay_strings_where_a_string_is_expected(tmp_path):
     cfg = load_config(TrainConfig, tmp_path / "c.yaml")
     assert cfg.train.mixed_precision == "no" and cfg.train.gradient_checkpointing is False
     assert load_config(ShardConfig, None, None, ["filters.languages=[en, 'no']"]).filters.languages == ["en", "no"]
+
+
+def test_untyped_values_keep_their_yaml_types(tmp_path):
+    from mpm.core.config import parse_yaml
+
+    assert parse_yaml("a: 1e-3\nb: off\nc: true\nd: [1, 2.5]") == {"a": 0.001, "b": "off", "c": True, "d": [1, 2.5]}

@@ -24,5 +24,8 @@ def test_chat_client_sends_the_key_and_reports_unreachable_servers(chat_server, 
     with pytest.raises(LLMError, match=r"cannot connect to http://127.0.0.1:1/v1/chat/completions \(.*refused") as info:
         dead.complete([{"role": "user", "content": "hi"}])
     assert info.value.fatal and time.monotonic() - start < 2  # refused: no 2 + 4 + 8 + 16 s of backoff
+    with pytest.raises(LLMError, match="cannot connect") as info:  # without retries, at once
+        ChatClient("http://127.0.0.1:1/v1", "m", retries=0).complete([{"role": "user", "content": "hi"}])
+    assert info.value.fatal
     with pytest.raises(ValueError, match="base_url"):
         ChatClient("localhost:8000", "m")
