@@ -64,6 +64,9 @@ def shard_urls(pattern: str | Sequence[str]) -> list[str]:
             urls.extend(expand_paths(p))
     if not urls:
         raise FileNotFoundError(f"no .tar shards match {patterns}; did you run `mpm data shard`?")
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
+    if missing:  # a local path that is not there (remote URLs are webdataset's to open)
+        raise FileNotFoundError(f"no .tar shards match {missing[0]}; did you run `mpm data shard`?")
     return urls
 
 
@@ -191,3 +194,20 @@ def _shard_error_handler(bad: BadSampleCounter):
         return True  # continue with the next sample / shard
 
     return handler
+
+
+def iter_captions(url: str) -> Iterator[tuple[str, str]]:
+    """(key, caption) of every sample of ONE shard, in the shard's order, without decoding images (a text-feature
+    cache reads only the captions). A caption that is not UTF-8 is counted, logged and skipped."""
+    import tarfile
+
+    bad = BadSampleCounter()
+    with tarfile.open(url) as tar:
+        for member in tar:
+            key, _, extension = member.name.partition(".")
+            if extension != "txt" or not member.isfile():
+                continue
+            try:
+                yield key, tar.extractfile(member).read().decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad.record(key, f"caption is not UTF-8: {exc}")

@@ -25,7 +25,7 @@ ALLOWED = {
         "dataproc.langid", "dataproc.translate", "dataproc.vqa_answers", "dataproc.shards",
         "t2i", "unimm_chat.read_conversations", "unimm_chat.Conversation",
     },
-    "t2i": {"dataproc.shards"},
+    "t2i": {"dataproc.shards", "dataproc.sharder.filters"},
 }  # fmt: skip
 
 

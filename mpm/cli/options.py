@@ -26,6 +26,7 @@ class Flag:
     kind: Any  # a type (str, int, float), "list" (comma-separated), "append" (repeatable), "flag" (store_true)
     help: str
     const: Any = None  # for kind "const": the value the flag sets
+    short: str | None = None  # a one-letter alias ("-o")
 
 
 def add_command(
@@ -53,16 +54,17 @@ def add_command(
     p.add_argument("--config", required=config_required, help="YAML config file (keys as printed by --print-config)")
     for f in flags:
         kwargs = {"dest": f.key, "default": argparse.SUPPRESS, "help": f"{f.help} [{f.key}]"}
+        names = [f.short, f.flag] if f.short else [f.flag]
         if f.kind == "flag":
-            p.add_argument(f.flag, action="store_true", **kwargs)
+            p.add_argument(*names, action="store_true", **kwargs)
         elif f.kind == "const":
-            p.add_argument(f.flag, action="store_const", const=f.const, **kwargs)
+            p.add_argument(*names, action="store_const", const=f.const, **kwargs)
         elif f.kind == "append":
-            p.add_argument(f.flag, action="append", metavar=_metavar(f), **kwargs)
+            p.add_argument(*names, action="append", metavar=_metavar(f), **kwargs)
         elif f.kind == "list":
-            p.add_argument(f.flag, type=_comma_list, metavar=_metavar(f), **kwargs)
+            p.add_argument(*names, type=_comma_list, metavar=_metavar(f), **kwargs)
         else:
-            p.add_argument(f.flag, type=f.kind, metavar=_metavar(f), **kwargs)
+            p.add_argument(*names, type=f.kind, metavar=_metavar(f), **kwargs)
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     words = "KEY=VALUE" if positional is None else f"{positional[0].upper()} | KEY=VALUE"
     help_text = "dotted config overrides, e.g. a.b=1" + ("" if positional is None else f"; {positional[1]}")

@@ -183,3 +183,31 @@ def _step_of(row: str, unreadable: int) -> int:
         return json.loads(row)["step"]
     except (ValueError, KeyError, TypeError):
         return unreadable
+
+
+def summed(accelerator, tally: dict) -> dict:
+    """A dict of counts summed over the processes (a collective: every process calls it at the same step)."""
+    import torch
+
+    values = torch.tensor(list(tally.values()), dtype=torch.float64, device=accelerator.device)
+    return dict(zip(tally, accelerator.reduce(values, "sum").tolist()))
+
+
+def summed_count(accelerator, count: int) -> int:
+    """`count` summed over the processes (no communication with one process)."""
+    if accelerator.num_processes == 1:
+        return count
+    import torch
+
+    return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), reduction="sum"))
+
+
+def tracker_config(config: dict, prefix: str = "") -> dict:
+    """A nested config as the flat `a.b: value` dict TensorBoard / W&B take (other values as strings)."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(tracker_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, int | float | str | bool) else str(v)
+    return out

@@ -33,7 +33,7 @@ from dataproc.shards import shard_urls
 from mpm.core.config import config_to_dict
 from mpm.core.errors import ConfigError
 from mpm.core.files import output_folder
-from mpm.core.runs import Checkpoints, Metrics, check_resume
+from mpm.core.runs import Checkpoints, Metrics, check_resume, summed, summed_count, tracker_config
 from mpm.data import Conversations, LengthGroupedSampler, PairCaptions, collate, read_all, to_device
 from mpm.modeling import MPMForConditionalGeneration
 from mpm.processor import IGNORE_INDEX
@@ -128,7 +128,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
         step, epoch, consumed = state["step"], state["epoch"], state["batches_in_epoch"]
         logger.info("resuming from %s (step %d)", latest, step)
     if t.report_to:
-        accelerator.init_trackers("mpm-i2t", config=_flat(config_to_dict(cfg)))
+        accelerator.init_trackers("mpm-i2t", config=tracker_config(config_to_dict(cfg)))
 
     # 5. The loop ----------------------------------------------------------------------------------------------
     conversations = Conversations(items, d.image_folder, processor, d.max_length) if t.stage == "sft" else None
@@ -156,7 +156,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
         epoch, consumed = micro[-1][1], micro[-1][2]  # the data position after this step
         for batch in batches:
             tally["skipped"] += len(batch.pop("skipped"))
-        step_tokens = _sum(accelerator, sum(supervised_tokens(b) for b in batches if "input_ids" in b))
+        step_tokens = summed_count(accelerator, sum(supervised_tokens(b) for b in batches if "input_ids" in b))
         grad_norm = 0.0
         # A step with nothing usable on any process is not taken: its gradient is zero, and AdamW's momentum would
         # still move the weights. (Every process knows: the count is summed over all of them.)
@@ -189,7 +189,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
         if tally["tokens"]:
             bar.set_postfix_str(f"loss {tally['nll'] / tally['tokens']:.3f}", refresh=False)
         if step % t.log_every == 0 or step == t.max_steps:
-            totals = _summed(accelerator, tally)  # every process's samples, tokens, skips and losses
+            totals = summed(accelerator, tally)  # every process's samples, tokens, skips and losses
             dry = dry + int(totals["skipped"]) if totals["micro"] == 0 else 0
             learned = (learned or 0) + int(totals["micro"])
             if dry >= DRY_LIMIT:
@@ -210,7 +210,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
         if step % t.save_every == 0 or step == t.max_steps:
             checkpoints.save(accelerator, step, {
                 "step": step, "epoch": epoch, "batches_in_epoch": consumed, "processes": accelerator.num_processes,
-                "unlogged": _summed(accelerator, tally), "dry": dry, "learned": learned,
+                "unlogged": summed(accelerator, tally), "dry": dry, "learned": learned,
             })  # fmt: skip
     bar.close()
     if learned == 0:
@@ -314,7 +314,7 @@ def _micro_batches(cfg, processor, accelerator, epoch: int, consumed: int, conve
             yield batch, epoch, consumed
         if consumed == 0:
             raise ConfigError("the training data gave no batch in a whole pass (see the warnings above)")
-        if epoch_usable is not None and _sum(accelerator, epoch_usable) == 0:
+        if epoch_usable is not None and summed_count(accelerator, epoch_usable) == 0:
             raise ConfigError(
                 "a whole pass over the training data gave no usable sample (all skipped, reasons in the warnings "
                 "above): check data.image_folder, the images, and data.max_length"
@@ -371,26 +371,3 @@ def _shards_weights(accelerator) -> bool:
         return True
     plugin = accelerator.state.deepspeed_plugin
     return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
-
-
-def _summed(accelerator, tally: dict) -> dict:
-    """The tally summed over the processes (a collective: every process calls it at the same step)."""
-    values = torch.tensor(list(tally.values()), dtype=torch.float64, device=accelerator.device)
-    return dict(zip(tally, accelerator.reduce(values, "sum").tolist()))
-
-
-def _sum(accelerator, count: int) -> int:
-    """`count` summed over the processes (no communication with one process)."""
-    if accelerator.num_processes == 1:
-        return count
-    return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), reduction="sum"))
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, int | float | str | bool) else str(v)
-    return out

@@ -331,7 +331,7 @@ def test_resume_with_other_settings_is_refused(tiny_parts, tmp_path, caplog):
             )
 
 
-def test_init_from_a_checkpoint_of_another_model_type_is_a_clear_error(tmp_path, capsys):
+def test_init_from_a_checkpoint_of_another_model_type_is_a_clear_error(colour_shards, tmp_path, capsys):
     (tmp_path / "llm").mkdir()
     (tmp_path / "llm" / "config.json").write_text('{"model_type": "qwen2"}')
     args = [
@@ -340,7 +340,7 @@ def test_init_from_a_checkpoint_of_another_model_type_is_a_clear_error(tmp_path,
         "--config",
         TINY,
         f"model.init_from={tmp_path / 'llm'}",
-        "data.shards=[x]",
+        f"data.shards=[{colour_shards}]",
         f"train.output_dir={tmp_path / 'o'}",
     ]
     assert main(args) == 2
