@@ -48,6 +48,8 @@ class DataSection:
     def __post_init__(self):
         check_range("data.resolution", self.resolution, 8)
         check_range("data.caption_dropout", self.caption_dropout, 0.0, 1.0)
+        check_range("data.num_workers", self.num_workers, 0)
+        check_range("data.shuffle_buffer", self.shuffle_buffer, 0)
 
 
 @dataclass
@@ -62,9 +64,8 @@ class LoraSection:
 @dataclass
 class EmaSection:
     enabled: bool = True  # final/ and the validation grids use the averaged weights
-    decay: float = (
-        0.9999  # the most it reaches: at step n it is min(decay, n / (n + 9)), 0 at n = 1 (diffusers EMAModel)
-    )
+    # the most it reaches: at step n it is min(decay, n / (n + 9)), 0 at n = 1 (diffusers EMAModel)
+    decay: float = 0.9999
 
     def __post_init__(self):
         check_range("train.ema.decay", self.decay, 0.0, 1.0)
@@ -100,8 +101,8 @@ class TrainSection:
         check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         for name in ("max_steps", "batch_size", "grad_accum", "save_every", "log_every", "keep_last"):
             check_range(f"train.{name}", getattr(self, name), 1)
-        if self.snr_gamma is not None:
-            check_range("train.snr_gamma", self.snr_gamma, 0.0)
+        if self.snr_gamma is not None and self.snr_gamma <= 0:  # 0 would weigh every sample 0: nothing learnt
+            raise ConfigError(f"train.snr_gamma must be > 0 (5 is usual) or null for plain MSE, got {self.snr_gamma}")
         unknown = [r for r in self.report_to if r not in ("tensorboard", "wandb")]
         if unknown:
             raise ConfigError(f"`train.report_to` knows tensorboard and wandb, got {unknown}")
@@ -118,6 +119,7 @@ class ValidationSection:
     def __post_init__(self):
         check_range("validation.every", self.every, 0)
         check_range("validation.steps", self.steps, 1)
+        check_range("validation.guidance_scale", self.guidance_scale, 0.0)
 
 
 @dataclass
@@ -149,6 +151,11 @@ class T2IConfig:
             raise ConfigError(
                 f"data.weights {list(weights)} must hold one non-negative weight per shard set in data.shards "
                 f"({len(self.data.shards)}), with a positive sum"
+            )
+        given = [k for k in ("llm", "tokenizer", "sd", "unet", "vae", "scheduler") if getattr(m, k)]
+        if m.init_from and given:
+            raise ConfigError(
+                f"model.init_from is a whole pipeline: remove model.{', model.'.join(given)} (they would be ignored)"
             )
         if self.train.lora.enabled and self.train.stage != "full":
             raise ConfigError("train.lora adapts the whole UNet: set train.stage full (align trains k/v directly)")

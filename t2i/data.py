@@ -2,8 +2,10 @@
 
 Every sample of the stream gives one item (an undecodable one a `Skipped`), so a data position in batches is a
 number of samples per DataLoader worker: a resumed run passes over that many samples without decoding them.
-Each sample's random choices (crop, flip, caption dropout) come from a hash of the seed, the epoch and its key:
-the same in a resumed run, and the same with or without the text-feature cache.
+Each sample's random choices (crop, flip, caption dropout) come from a hash of the seed (which changes per epoch),
+the rank, the DataLoader worker, the sample's position in that worker's stream and its key: the same in a resumed
+run and with or without the text-feature cache, and new each time a resampled stream (several processes, weighted
+shard sets: no epochs) brings the sample back.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import webdataset as wds
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from dataproc.shards import BadSampleCounter, decode_pair, iter_samples
 
@@ -26,6 +29,7 @@ class Sample:
     pixels: torch.Tensor  # (3, R, R) in [-1, 1]
     caption: str  # "" when dropped
     states: torch.Tensor | None  # cached LLM states (tokens, width), None when live or dropped
+    key: str = ""  # the shard sample's key
 
 
 @dataclass
@@ -50,8 +54,7 @@ class PairImages(IterableDataset):
         bad = BadSampleCounter()  # counts and logs undecodable samples sparingly
         samples = iter_samples(self.shards, self.weights, self.shuffle_buffer, self.seed, self.resampled, bad)
         # The DataLoader takes batch i from worker i % workers: this worker made these batches before the position.
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rank, _, worker, workers = wds.utils.pytorch_worker_info()
         passed = len(range(worker, self.skip_batches, workers)) * self.batch_size
         for n, sample in enumerate(samples):
             if n < passed:
@@ -62,7 +65,8 @@ class PairImages(IterableDataset):
                 yield Skipped("undecodable sample")
                 continue
             key = sample["__key__"]
-            rng = random.Random(hashlib.md5(f"{self.seed}:{sample.get('__url__')}:{key}".encode()).digest())
+            where = f"{self.seed}:{rank}:{worker}:{n}:{sample.get('__url__')}:{key}"
+            rng = random.Random(hashlib.md5(where.encode()).digest())
             dropped = rng.random() < self.caption_dropout
             states = None
             if self.cache is not None and not dropped:
@@ -71,7 +75,7 @@ class PairImages(IterableDataset):
                     yield Skipped(f"no cached text features for {key}")
                     continue
             pixels = to_pixels(pair.image, self.resolution, self.center_crop, self.random_flip, rng)
-            yield Sample(pixels, "" if dropped else pair.caption, states)
+            yield Sample(pixels, "" if dropped else pair.caption, states, key)
 
 
 def to_pixels(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, rng: random.Random):

@@ -1,9 +1,11 @@
 """Drawing prompts into a folder (`mpm paint`): PNGs per prompt, a grid when several, optional best-of-N ranking.
 
-    {out}/{id}-{k}.png         image k of prompt `id` (seed + k: each image can be redrawn alone)
+    {out}/{id}-{k}.png         image k of prompt `id` (seeded seed + k, so each image can be redrawn alone; with
+                               ranking, candidate j of image k is seeded seed + k * candidates + j)
     {out}/{id}-grid.png        the prompt's images side by side, when there are several
     {out}/{id}-scores.json     with ranking: every candidate's score and which were kept
-    {out}/index.jsonl          one line per prompt drawn (id, lang, prompt, images, scores): a rerun skips them
+    {out}/index.jsonl          one line per prompt drawn (id, lang, prompt, settings, images, scores): a rerun
+                               skips them, and refuses an id drawn from another prompt or with other settings
 
 Ranking is VisCPM-Paint's: draw N candidates, keep the one an image-text model (Chinese-CLIP there) scores highest.
 """
@@ -70,11 +72,22 @@ def paint(pipe, prompts: list[Prompt], out: str | Path, num_images: int = 1, see
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     index = out / "index.jsonl"
-    done = (
-        {json.loads(line)["id"] for line in index.read_text(encoding="utf-8").splitlines() if line.strip()}
-        if index.exists()
-        else set()
-    )
+    settings = {"seed": seed, "steps": steps, "guidance_scale": guidance_scale, "height": height, "width": width,
+                "negative_prompt": negative_prompt, "num_images": num_images,
+                "num_candidates": num_candidates if scorer is not None else None}  # fmt: skip
+    done = {}
+    if index.exists():
+        done = {row["id"]: row for row in map(json.loads, index.read_text(encoding="utf-8").splitlines())}
+    for p in prompts:  # the same id drawn from another prompt or with other settings: the files would disagree
+        row = done.get(p.id)
+        if row is not None and (row["prompt"] != p.prompt or row.get("settings") != settings):
+            was = {"prompt": row["prompt"], **(row.get("settings") or {})}
+            changed = {k: (was.get(k), v) for k, v in {"prompt": p.prompt, **settings}.items() if was.get(k) != v}
+            listing = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise DataError(
+                f"{out} already holds prompt id {p.id!r} drawn otherwise ({listing}): use another output folder, or "
+                f"delete {index.name} and the images to draw them again"
+            )
     todo = [p for p in prompts if p.id not in done]
     if len(todo) < len(prompts):
         logger.warning("%d prompt(s) already drawn in %s are skipped", len(prompts) - len(todo), out)
@@ -101,20 +114,20 @@ def paint(pipe, prompts: list[Prompt], out: str | Path, num_images: int = 1, see
                     best, group_scores = pick_best(group, p.prompt, scorer)
                     kept.append(group[best])
                     scores.append({"candidates": group_scores, "kept": best})
-            rows.append(_write(out, p, kept, scores))
+            rows.append(_write(out, p, kept, scores, settings))
         bar.update(len(chunk))
     bar.close()
     return rows
 
 
-def _write(out: Path, p: Prompt, images, scores) -> dict:
+def _write(out: Path, p: Prompt, images, scores, settings: dict) -> dict:
     names = []
     for k, image in enumerate(images):
         image.save(out / f"{p.id}-{k}.png")
         names.append(f"{p.id}-{k}.png")
     if len(images) > 1:
         make_image_grid(images, rows=1, cols=len(images)).save(out / f"{p.id}-grid.png")
-    row = {"id": p.id, "lang": p.lang, "prompt": p.prompt, "images": names}
+    row = {"id": p.id, "lang": p.lang, "prompt": p.prompt, "settings": settings, "images": names}
     if scores is not None:
         atomic_write_json(out / f"{p.id}-scores.json", {"prompt": p.prompt, "images": scores})
         row["scores"] = [s["candidates"][s["kept"]] for s in scores]

@@ -211,6 +211,10 @@ class MPMPaintPipeline(DiffusionPipeline):
                 and negative_pooled_prompt_embeds is None
             ):
                 raise ConfigError("give `negative_pooled_prompt_embeds` with `negative_prompt_embeds`")
+        if not self.text_proj.config.pooled and (
+            pooled_prompt_embeds is not None or negative_pooled_prompt_embeds is not None
+        ):
+            raise ConfigError("this pipeline adds no pooled vector (text_proj.pooled is false): drop the pooled embeds")
         multiple = self.size_multiple
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value <= 0 or value % multiple:
@@ -245,12 +249,15 @@ class MPMPaintPipeline(DiffusionPipeline):
         return_dict: bool = True,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
     ):
         """Images for `prompt` (a string or a list), in any language the LLM knows.
 
-        `prompt_embeds` / `negative_prompt_embeds` replace the prompts: text_proj's outputs (B, T, C), every token
-        attended (with a pooled pipeline, also `pooled_prompt_embeds` (B, C)). `guidance_scale <= 1` runs without
+        `prompt_embeds` / `negative_prompt_embeds` replace the prompts: text_proj's outputs (B, T, C), with
+        `prompt_attention_mask` (B, T) when they are padded (as `encode_prompt` returns them; default: every token
+        attended), and with a pooled pipeline `pooled_prompt_embeds` (B, C). `latents`: the starting noise. `guidance_scale <= 1` runs without
         classifier-free guidance (one UNet pass per step); above 1 the unconditional branch uses `negative_prompt`
         or the empty prompt. Returns `ImagePipelineOutput(images)` (PIL images, or arrays / tensors by
         `output_type`: "pil" | "np" | "pt" | "latent").
@@ -265,14 +272,14 @@ class MPMPaintPipeline(DiffusionPipeline):
 
         # 1. Conditioning: the prompts' states (and the unconditional branch's) --------------------------------------
         if prompt_embeds is not None:
-            cond, cond_mask, cond_pooled = _given(prompt_embeds, pooled_prompt_embeds, device)
+            cond, cond_mask, cond_pooled = _given(prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, device)
         else:
             cond, cond_mask, cond_pooled = self.encode_prompt([prompt] if isinstance(prompt, str) else prompt, device)
         batch = len(cond)
         if guided:
             if negative_prompt_embeds is not None:
                 uncond, uncond_mask, uncond_pooled = _given(
-                    negative_prompt_embeds, negative_pooled_prompt_embeds, device
+                    negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds, device
                 )
             else:
                 negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * batch
@@ -297,7 +304,9 @@ class MPMPaintPipeline(DiffusionPipeline):
         )
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        elif tuple(latents.shape) != shape:
+            raise ConfigError(f"`latents` must be {shape} for these prompts and this size, got {tuple(latents.shape)}")
+        latents = latents.to(device, self.unet.dtype) * self.scheduler.init_noise_sigma
         step_kwargs = (
             {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         )
@@ -327,9 +336,14 @@ class MPMPaintPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 
-def _given(embeds: torch.Tensor, pooled: torch.Tensor | None, device) -> tuple:
-    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
-    return embeds.to(device), mask, pooled.to(device) if pooled is not None else None
+def _given(embeds: torch.Tensor, mask: torch.Tensor | None, pooled: torch.Tensor | None, device) -> tuple:
+    if mask is None:
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    elif tuple(mask.shape) != tuple(embeds.shape[:2]):
+        raise ConfigError(
+            f"an attention mask must be (batch, tokens) = {tuple(embeds.shape[:2])}, got {tuple(mask.shape)}"
+        )
+    return embeds.to(device), mask.to(device), pooled.to(device) if pooled is not None else None
 
 
 def check_components(text_encoder, text_proj: TextProjection, unet: UNet2DConditionModel, vae) -> None:
@@ -374,9 +388,14 @@ def load_unet(unet, pooled: bool = False) -> UNet2DConditionModel:
         path = Path(unet)
         config_file = path if path.is_file() else path / "config.json"
         has_weights = path.is_dir() and any(path.glob("diffusion_pytorch_model*.safetensors"))
+        if path.is_dir() and not has_weights and any(path.glob("diffusion_pytorch_model*.bin")):
+            raise ModelLoadError(
+                f"unet={str(path)!r} holds only pickled .bin weights: this toolkit loads safetensors only (convert "
+                "them with diffusers: UNet2DConditionModel.from_pretrained(folder).save_pretrained(folder))"
+            )
         with model_errors("unet", path, is_model=not path.is_file()):
             if has_weights:
-                unet = UNet2DConditionModel.from_pretrained(path)
+                unet = UNet2DConditionModel.from_pretrained(path, use_safetensors=True)
             elif config_file.is_file():
                 unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_file))
             else:
@@ -399,7 +418,7 @@ def load_vae(vae) -> AutoencoderKL | None:
     if vae is None or isinstance(vae, AutoencoderKL):
         return vae
     with model_errors("vae", vae):
-        return AutoencoderKL.from_pretrained(vae)
+        return AutoencoderKL.from_pretrained(vae, use_safetensors=True)
 
 
 def load_scheduler(scheduler) -> SchedulerMixin:
@@ -410,7 +429,10 @@ def load_scheduler(scheduler) -> SchedulerMixin:
     if isinstance(scheduler, SchedulerMixin):
         return scheduler
     if scheduler is None:
-        return diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+        # clip_sample off: predicted x0 clipped to [-1, 1] is right for pixels only, and VAE latents exceed it
+        return diffusers.DDPMScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False
+        )
     path = Path(scheduler)
     with model_errors("scheduler", path):
         config = diffusers.DDPMScheduler.load_config(path)

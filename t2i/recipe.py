@@ -22,6 +22,7 @@ position: a resumed run continues exactly (same batches, same noise, same weight
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import warnings
@@ -45,7 +46,7 @@ from mpm.core.config import config_to_dict, save_config
 from mpm.core.errors import ConfigError, ModelLoadError
 from mpm.core.files import atomic_write_json, output_folder
 from mpm.core.runs import Checkpoints, Metrics, check_resume, summed, summed_count, tracker_config
-from t2i.cache import TextFeatureCache, build_cache
+from t2i.cache import build_cache
 from t2i.config import RESUMABLE, T2IConfig
 from t2i.data import PairImages, collate
 from t2i.pipeline import MPMPaintPipeline, llm_states, pad_sequences, tokenize_prompts
@@ -107,14 +108,15 @@ def train(cfg: T2IConfig, show_progress: bool = True) -> T2IResult:
     schedule = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
     unet, text_proj, optimizer = accelerator.prepare(unet, text_proj, optimizer)
 
-    # 3. The text-feature cache (the main process builds it; a rerun reuses it) ------------------------------------
+    # 3. The text-feature cache (every process encodes its share of the shards; a rerun reuses it) ----------------
     cache = None
     if d.text_feature_cache:
-        if accelerator.is_main_process:
-            build_cache(d.text_feature_cache, d.shards, text_encoder, tokenizer, pipe.text_proj.config, device,
-                        show_progress=show_progress)  # fmt: skip
+        cache = build_cache(
+            d.text_feature_cache, d.shards, text_encoder, tokenizer, pipe.text_proj.config, device,
+            rank=accelerator.process_index, world=accelerator.num_processes,
+            show_progress=show_progress and accelerator.is_main_process,
+        )  # fmt: skip
         accelerator.wait_for_everyone()
-        cache = TextFeatureCache(d.text_feature_cache, {})
     empty_states = cache.empty().to(device) if cache is not None else None
 
     # 4. Resume: trainable weights, optimizer, schedule, RNG, EMA, data position ------------------------------------
@@ -227,6 +229,7 @@ def train(cfg: T2IConfig, show_progress: bool = True) -> T2IResult:
     if accelerator.is_main_process:
         pipe.save_pretrained(final, safe_serialization=True)
         save_config(cfg, final / "train_config.yaml")
+    accelerator.wait_for_everyone()  # no process reports the final pipeline before it is written
     accelerator.end_training()
     return T2IResult(final, pipe)
 
@@ -323,8 +326,6 @@ def save_ema(ema: EMAModel, trained, folder: Path) -> None:
 
 
 def load_ema(ema: EMAModel, trained, folder: Path) -> None:
-    import json
-
     saved = load_file(folder / "ema.safetensors")
     for (name, _), shadow in zip(trained, ema.shadow_params):
         shadow.copy_(saved[name])
@@ -348,7 +349,7 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float,
     """Min-SNR-gamma loss weights (B,): snr = a / (1 - a); min(snr, gamma) / snr for epsilon targets,
     min(snr, gamma) / (snr + 1) for v targets (the same weighting of the x0 error)."""
     a = alphas_cumprod[t].float()
-    snr = a / (1 - a)
+    snr = (a / (1 - a)).clamp(min=1e-8)  # a zero-terminal-SNR schedule has snr 0 at t = T: weight 1, not 0 / 0
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))
     return clipped / (snr + 1) if prediction == "v_prediction" else clipped / snr
 
@@ -360,7 +361,8 @@ def text_condition(batch: dict, encoders, device) -> tuple[torch.Tensor, torch.T
     if empty_states is None:  # live: one LLM forward over the batch's captions (dropped ones are "")
         ids, mask, _ = tokenize_prompts(tokenizer, batch["captions"], cfg.max_length)
         ids, mask = ids.to(device), mask.to(device)
-        with torch.no_grad():
+        # outside autocast: the LLM runs in its stored dtype, as when the cache is built (same states both ways)
+        with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False):
             states = llm_states(text_encoder, ids, mask, cfg.hidden_layer)
     else:  # cached: each sample's states, the empty prompt's for dropped captions
         rows = [(s if s is not None else empty_states).to(device) for s in batch["states"]]

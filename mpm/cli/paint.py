@@ -69,6 +69,12 @@ def paint_command(cfg: PaintCommand, args) -> int:
     from t2i.paint import Prompt, paint, read_prompts
 
     prompts = read_prompts(cfg.prompts) if cfg.prompts else [Prompt("0", cfg.prompt)]
+    if args.no_progress:  # also the loading bars of diffusers and transformers
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     pipe = load_pipeline(cfg)
     scorer = None
     if cfg.rank_with:
@@ -118,6 +124,12 @@ def load_pipeline(cfg: PaintCommand):
         if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
             raise ConfigError(
                 f"--scheduler {cfg.scheduler!r} is not a diffusers scheduler class (e.g. DPMSolverMultistepScheduler)"
+            )
+        compatible = sorted(c.__name__ for c in pipe.scheduler.compatibles)
+        if scheduler_class is not None and scheduler_class.__name__ not in compatible:
+            raise ConfigError(
+                f"--scheduler {cfg.scheduler} cannot sample this model (trained with {type(pipe.scheduler).__name__}); "
+                f"compatible: {', '.join(compatible)}"
             )
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     return pipe.to(device)

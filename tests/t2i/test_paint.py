@@ -119,7 +119,11 @@ def test_one_prompt_several_images_then_a_rerun_skips_it(model, pipe, tmp_path, 
     # Image k is seeded with seed + k: redrawn here, pixel for pixel.
     for k, image in enumerate(redraw(pipe, CAT, [0, 1])):
         np.testing.assert_array_equal(np.asarray(image), pixels(out / f"0-{k}.png"))
-    assert index_rows(out) == [{"id": "0", "lang": None, "prompt": CAT, "images": ["0-0.png", "0-1.png"]}]
+    rows = index_rows(out)
+    assert [{k: r[k] for k in ("id", "lang", "prompt", "images")} for r in rows] == [
+        {"id": "0", "lang": None, "prompt": CAT, "images": ["0-0.png", "0-1.png"]}
+    ]
+    assert rows[0]["settings"]["num_images"] == 2 and rows[0]["settings"]["height"] == 16
 
     (out / "0-1.png").unlink()
     status, stdout, err = paint(capsys, "--model", model, CAT, "-o", out, "--size", 16, "--num-images", 2)
@@ -127,6 +131,12 @@ def test_one_prompt_several_images_then_a_rerun_skips_it(model, pipe, tmp_path, 
     assert "0 image(s) of 0 prompt(s)" in stdout
     assert not (out / "0-1.png").exists()  # not drawn again
     assert len(index_rows(out)) == 1
+
+    # the same folder with another prompt, or other settings, would mix images: refused, naming what changed
+    status, _, err = paint(capsys, "--model", model, "a blue dog", "-o", out, "--size", 16, "--num-images", 2)
+    assert status == 2 and "already holds prompt id '0' drawn otherwise (prompt:" in err
+    status, _, err = paint(capsys, "--model", model, CAT, "-o", out, "--size", 16, "--num-images", 2, "--seed", 3)
+    assert status == 2 and "seed: 0 -> 3" in err
 
 
 def test_prompts_file_with_ids_and_langs(model, pipe, tmp_path, capsys):
@@ -241,6 +251,10 @@ def test_scheduler_by_name(model, tmp_path, capsys):
     assert err.startswith("error: --scheduler 'NoSuchScheduler' is not a diffusers scheduler class")
     status, _, err = paint(capsys, "--model", model, CAT, "-o", tmp_path / "out", "--scheduler", "AutoencoderKL")
     assert status == 2 and "is not a diffusers scheduler class" in err
+    status, _, err = paint(
+        capsys, "--model", model, CAT, "-o", tmp_path / "out", "--scheduler", "FlowMatchEulerDiscreteScheduler"
+    )
+    assert status == 2 and "cannot sample this model (trained with DDPMScheduler); compatible:" in err
     status, _, err = paint(
         capsys, "--model", model, CAT, "-o", tmp_path / "out", "--scheduler", "EulerDiscreteScheduler"
     )

@@ -297,3 +297,39 @@ def test_several_prompts_and_images_per_prompt_with_a_generator_list(sd_pipe):
     assert not np.allclose(images[0], images[1], atol=1e-3)
     pils = sd_pipe(prompts, num_inference_steps=STEPS, num_images_per_prompt=2).images
     assert len(pils) == 4 and all(im.size == (16, 16) for im in pils)
+
+
+def test_padded_prompt_embeds_with_their_mask_give_the_prompts_images(sd_pipe):
+    prompts = ["a cat", "a red cat sitting on a mat in the sun"]
+    embeds, mask, _ = sd_pipe.encode_prompt(prompts)
+    negative, negative_mask, _ = sd_pipe.encode_prompt(["", ""])
+    assert mask[0].sum() < mask.shape[1]  # the short prompt is padded
+    generators = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
+    from_prompts = draw(sd_pipe, prompt=prompts, generator=generators())
+    from_embeds = draw(sd_pipe, prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask,
+                       negative_prompt_embeds=negative, negative_prompt_attention_mask=negative_mask,
+                       generator=generators())  # fmt: skip
+    np.testing.assert_allclose(from_embeds, from_prompts, atol=1e-5)
+    with pytest.raises(ConfigError, match="an attention mask must be"):
+        draw(sd_pipe, prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask[:, :2])
+
+
+def test_pooled_embeds_on_a_pipeline_without_a_pooled_vector_and_wrong_latents_are_errors(sd_pipe):
+    embeds, _, _ = sd_pipe.encode_prompt(["a cat"])
+    with pytest.raises(ConfigError, match="adds no pooled vector"):
+        draw(sd_pipe, prompt=None, prompt_embeds=embeds, pooled_prompt_embeds=embeds[:, 0])
+    with pytest.raises(ConfigError, match="`latents` must be"):
+        draw(sd_pipe, latents=torch.zeros(1, 4, 3, 3))
+
+
+def test_the_default_scheduler_does_not_clip_latents_and_bin_weights_are_refused(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from mpm.core.errors import ModelLoadError
+    from t2i.pipeline import load_scheduler, load_unet
+
+    assert load_scheduler(None).config.clip_sample is False  # VAE latents exceed [-1, 1]
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(UNET_CONFIG))
+    unet.save_pretrained(tmp_path / "unet", safe_serialization=False)  # pickled weights only
+    with pytest.raises(ModelLoadError, match="holds only pickled .bin weights"):
+        load_unet(tmp_path / "unet")

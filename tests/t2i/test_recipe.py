@@ -25,6 +25,7 @@ from t2i import MPMPaintPipeline
 from t2i.cache import TextFeatureCache, build_cache
 from t2i.config import T2IConfig
 from t2i.data import PairImages, collate
+from t2i.pipeline import llm_states, tokenize_prompts
 from t2i.recipe import add_noise, build_pipeline, diffusion_loss, make_ema, min_snr_weights, set_trainable, v_target
 
 REPO = Path(__file__).parents[2]
@@ -118,8 +119,45 @@ def test_cached_features_give_the_live_loss_with_caption_dropout(paint_llm, pain
     b = loss_on(pipe, cached, noise, timesteps, cache_empty=cache.empty())
     assert a == pytest.approx(b, rel=1e-5)
     # the cache is what a rerun reads: reopening gives the same states
-    again = TextFeatureCache(tmp_path / "cache", {})
+    again = TextFeatureCache(tmp_path / "cache")
     assert torch.equal(again.empty(), cache.empty())
+
+
+def test_a_shard_that_changed_is_encoded_again(paint_llm, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+
+    def write(captions):
+        with wds.TarWriter(str(shards / "00000.tar")) as tar:
+            for i, caption in enumerate(captions):
+                buf = io.BytesIO()
+                Image.new("RGB", (32, 32), (200, 20 * i, 30)).save(buf, "PNG")
+                tar.write({"__key__": f"{i:09d}", "png": buf.getvalue(), "txt": caption})
+
+    write(["red", "green"])
+    cfg = tiny_config(paint_llm, shards, tmp_path / "run")
+    pipe = build_pipeline(cfg)
+    args = (tmp_path / "cache", cfg.data.shards, pipe.text_encoder, pipe.tokenizer, pipe.text_proj.config, "cpu")
+    build_cache(*args, show_progress=False)
+    write(["a much longer caption about a red picture", "green"])  # re-sharded into the same folder: same keys
+    cache = build_cache(*args, show_progress=False)
+    ids, mask, _ = tokenize_prompts(pipe.tokenizer, ["a much longer caption about a red picture"], 32)
+    with torch.no_grad():
+        live = llm_states(pipe.text_encoder, ids, mask, -1)[0]
+    assert torch.equal(cache.get(str(shards / "00000.tar"), "000000000"), live)
+
+
+def test_a_resampled_stream_draws_new_choices_when_a_sample_comes_back(paint_llm, paint_shards, tmp_path):
+    cfg = tiny_config(paint_llm, paint_shards, tmp_path / "run", "data.caption_dropout=0.5")
+    d = cfg.data
+    stream = PairImages(d.shards, None, d.resolution, True, True, 0.5, 0, 0, resampled=True)
+    dropped: dict[str, list[bool]] = {}
+    for _, item in zip(range(300), stream):
+        dropped.setdefault(item.key, []).append(item.caption == "")
+    back = {key: seen for key, seen in dropped.items() if len(seen) > 2}  # 96 samples: most come back
+    assert len(back) > 20
+    # a sample's caption is dropped some times and kept others (not fixed once per sample for the whole run)
+    assert sum(len(set(seen)) == 2 for seen in back.values()) > len(back) / 2
 
 
 def test_a_cache_made_with_other_settings_is_refused(paint_llm, paint_shards, tmp_path):
@@ -233,8 +271,10 @@ def test_exact_resume_with_ema_two_workers_and_the_data_position(paint_llm, pain
 
 def test_two_processes_keep_identical_weights(paint_llm, paint_shards, tmp_path):
     out = tmp_path / "ddp"
+    # both processes encode half the shards into the text-feature cache, then train on it
     overrides = [f"model.llm={paint_llm}", f"data.shards=[{paint_shards}]", f"train.output_dir={out}", "train.stage=align",
-                 "model.pooled=true", "train.max_steps=4", "train.batch_size=2", "validation.every=2"]  # fmt: skip
+                 "model.pooled=true", "train.max_steps=4", "train.batch_size=2", "validation.every=2",
+                 f"data.text_feature_cache={tmp_path / 'cache'}"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           str(REPO / "tests" / "t2i" / "ddp_train.py"), TINY, *overrides],
@@ -246,6 +286,7 @@ def test_two_processes_keep_identical_weights(paint_llm, paint_shards, tmp_path)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["samples"] for r in rows] == [8, 8]  # 2 per rank and step, both ranks counted, a log every 2 steps
     assert len(list((out / "validation").glob("*.png"))) == 2  # drawn by the main process while the other waits
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4 + 1  # every shard, and the empty prompt
 
 
 def test_corrupt_images_in_training_shards_are_counted_and_skipped(paint_llm, tmp_path):
@@ -296,6 +337,15 @@ def test_settings_are_checked_before_anything_loads(paint_llm, paint_shards, tmp
     assert "set train.stage full" in capsys.readouterr().err
     assert main(cli(paint_llm, paint_shards, tmp_path / "e", "model.prediction_type=sample")) == 2
     assert "model.prediction_type" in capsys.readouterr().err
+    assert main(cli(paint_llm, paint_shards, tmp_path / "f", "train.snr_gamma=0")) == 2
+    assert "train.snr_gamma must be > 0" in capsys.readouterr().err
+    assert main(cli(paint_llm, paint_shards, tmp_path / "g", "validation.guidance_scale=-1")) == 2
+    assert "validation.guidance_scale" in capsys.readouterr().err
+    assert main(cli(paint_llm, paint_shards, tmp_path / "h", f"model.init_from={tmp_path}")) == 2
+    assert "model.init_from is a whole pipeline: remove model.llm" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(cli(paint_llm, paint_shards, tmp_path / "i", f"data.text_feature_cache={tmp_path / 'file'}")) == 2
+    assert "is a file: give a folder" in capsys.readouterr().err
 
 
 def test_v_prediction_is_trained_and_saved_for_sampling(paint_llm, paint_shards, tmp_path):
