@@ -33,3 +33,4 @@ bench: setup
 	$(BIN)/python benchmarks/bench_i2t.py
 	$(BIN)/python benchmarks/bench_resume.py
 	$(BIN)/python benchmarks/bench_stage1.py
+	$(BIN)/python benchmarks/bench_t2i.py

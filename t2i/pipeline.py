@@ -292,6 +292,8 @@ class MPMPaintPipeline(DiffusionPipeline):
         embeds, mask = embeds.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
         pooled = pooled.repeat_interleave(repeat, 0) if pooled is not None else None
         embeds = embeds.to(self.unet.dtype)
+        if bool(mask.all()):  # nothing to mask: attention without a mask may take a faster kernel (flash, on GPUs)
+            mask = None
         pooled = pooled.to(self.unet.dtype) if pooled is not None else None
 
         # 2. The starting noise and the schedule ---------------------------------------------------------------------

@@ -145,6 +145,7 @@ def train(cfg: T2IConfig, show_progress: bool = True) -> T2IResult:
     metrics = Metrics(out, accelerator, resumed_at=step if latest is not None else None)
     filler = {"pixels": torch.zeros(1, 3, d.resolution, d.resolution), "captions": [""], "states": [None]}
     tally = dict.fromkeys(("loss", "samples", "micro", "skipped"), 0.0)
+    pending_loss = torch.zeros((), dtype=torch.float64, device=device)  # read at logs and saves: no sync per step
     if accelerator.is_main_process:
         tally.update(state.get("unlogged", {}))
     dry, learned = state.get("dry", 0), state.get("learned")
@@ -182,7 +183,7 @@ def train(cfg: T2IConfig, show_progress: bool = True) -> T2IResult:
                 optimizer.step()
                 optimizer.zero_grad()
             if usable:
-                tally["loss"] += loss_sum.item()
+                pending_loss += loss_sum.detach()
                 tally["samples"] += count
                 tally["micro"] += 1
         with warnings.catch_warnings():  # a run whose first steps had nothing usable has not stepped AdamW yet
@@ -192,6 +193,9 @@ def train(cfg: T2IConfig, show_progress: bool = True) -> T2IResult:
             ema.step(params)
         step += 1
         bar.update()
+        if step % t.log_every == 0 or step % t.save_every == 0 or step == t.max_steps:
+            tally["loss"] += pending_loss.item()
+            pending_loss.zero_()
         if step % t.log_every == 0 or step == t.max_steps:
             totals = summed(accelerator, tally)
             dry = dry + int(totals["skipped"]) if totals["micro"] == 0 else 0
