@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from mpm.core.errors import ModelLoadError, model_errors
 from mpm.core.images import open_image
@@ -121,9 +122,11 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     batch_size: int = 8,
+    show_progress: bool = False,
 ) -> list[str]:
     """Answers to `requests`, in order: batched, left-padded, greedy unless `do_sample`. A reasoning block the
-    model opens its answer with (Qwen3's `<think>...</think>`) is left out of the answer."""
+    model opens its answer with (Qwen3's `<think>...</think>`) is left out of the answer. `show_progress`: a bar
+    over the requests (long evaluations)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     for i, r in enumerate(requests):
@@ -136,6 +139,7 @@ def generate(
     sampling["eos_token_id"] = stop_tokens(model, processor)
     answers: list[str] = []
     device = next(model.parameters()).device
+    bar = tqdm(total=len(requests), unit=" requests", disable=not show_progress)
     for start in range(0, len(requests), batch_size):
         batch = requests[start : start + batch_size]
         images = [[open_image(i) for i in r.images] for r in batch]
@@ -181,6 +185,8 @@ def generate(
             )
             new = out[:, inputs["input_ids"].shape[1] :]
         answers += [without_reasoning(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        bar.update(len(batch))
+    bar.close()
     return answers
 
 

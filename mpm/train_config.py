@@ -132,10 +132,30 @@ class TrainSection:
 
 
 @dataclass
+class EvalSection:
+    """Zero-shot captioning on a small held-out set at every checkpoint (the same code as `mpm eval caption`), so the
+    MPM transfer can be watched while stage 1 runs: per-language scores and fidelity go to the metrics log."""
+
+    data: str | None = None  # Crossmodal-3600 captions.jsonl or a generic jsonl {"image", "lang", "references"}
+    images: str | None = None
+    langs: list[str] = field(default_factory=lambda: ["en"])
+    prompts: str | None = None  # YAML/JSON {lang: prompt} overriding the shipped prompts
+    metrics: list[str] = field(default_factory=lambda: ["cider"])
+    max_images: int = 50  # per language
+    max_new_tokens: int = 32
+    batch_size: int = 8
+
+    def __post_init__(self):
+        check_range("eval.max_images", self.max_images, 1)
+        check_range("eval.batch_size", self.batch_size, 1)
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def check_required(self) -> None:
         if not self.train.output_dir:
@@ -165,4 +185,4 @@ class TrainConfig:
 
 # Settings that may change when resuming: how often, not what is trained, and where (a moved run folder).
 # Not train.max_steps: the learning-rate schedule is laid out over it, so a new length would make the rate jump.
-RESUMABLE = ("train.save_every", "train.log_every", "train.keep_last", "train.report_to", "train.output_dir")
+RESUMABLE = ("train.save_every", "train.log_every", "train.keep_last", "train.report_to", "train.output_dir", "eval")

@@ -105,6 +105,11 @@ def load_command_config(args: argparse.Namespace, extra_flags: dict | None = Non
         overrides = args.words
     else:
         overrides, rest = split_words(schema, args.words)
+        many = str({f.name: f.type for f in fields(schema)}.get(args.positional[0], "")).startswith("list")
+        if many:  # a list-typed positional (several files) takes every word that is not an override
+            if rest:
+                flags[args.positional[0]] = rest
+            return load_config(schema, args.config, flags, overrides)
         if len(rest) > 1:
             raise ConfigError(
                 f"expected one {args.positional[0]}, got {len(rest)} words {rest} (quote a value that has spaces; "

@@ -212,6 +212,8 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
                 "step": step, "epoch": epoch, "batches_in_epoch": consumed, "processes": accelerator.num_processes,
                 "unlogged": summed(accelerator, tally), "dry": dry, "learned": learned,
             })  # fmt: skip
+            if cfg.eval.data:
+                evaluate_during_training(cfg, accelerator, model, processor, metrics, step)
     bar.close()
     if learned == 0:
         raise ConfigError(
@@ -230,6 +232,33 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
     model = save_final(accelerator.unwrap_model(model), processor, final, state_dict, accelerator.is_main_process)
     accelerator.end_training()
     return TrainResult(final, model)
+
+
+def evaluate_during_training(cfg: TrainConfig, accelerator, model, processor, metrics: Metrics, step: int) -> None:
+    """Zero-shot captioning in `eval.langs` on the held-out set (`mpm eval caption`'s code), on the main process;
+    per-language scores and fidelity go to the metrics log as eval_<metric>_<lang>."""
+    if accelerator.is_main_process:
+        from mpm.eval.caption import CaptionEvalConfig, evaluate_caption
+
+        e = cfg.eval
+        settings = CaptionEvalConfig(
+            data=e.data, images=e.images, langs=e.langs, prompts=e.prompts, metrics=e.metrics,
+            max_images=e.max_images, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+        )  # fmt: skip
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.eval()
+        try:
+            with accelerator.autocast():
+                results, _ = evaluate_caption(settings, model=unwrapped, processor=processor, show_progress=False)
+        finally:
+            unwrapped.train()
+            keep_frozen_norm_statistics(unwrapped)
+        from mpm.eval.report import metric_values
+
+        row = {f"eval_{name}_{lang}": round(float(value), 5)
+               for lang, summary in results["languages"].items() for name, value in metric_values(summary).items()}  # fmt: skip
+        metrics.log(step, row)
+    accelerator.wait_for_everyone()
 
 
 def supervised_tokens(batch: dict) -> int:

