@@ -133,7 +133,7 @@ def mmbench_command(cfg: MmbenchCommand, args) -> int:
             results = lang_results
         else:
             results["languages"].update(lang_results["languages"])
-        items += lang_items
+        items += [{"lang": lang, **row} for row in lang_items]  # one items.jsonl for every language
     if "en" in langs:  # the same questions in English and another language give the transfer ratio directly
         for lang, ratio in transfer(results["languages"]).items():
             results["languages"][lang]["transfer_ratio"] = {"accuracy": ratio["ratio"]}
@@ -174,6 +174,12 @@ def paint_command(cfg: PaintEvalCommand, args) -> int:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     from mpm.cli.paint import PaintCommand, load_pipeline
 
+    if args.no_progress:  # also the loading bars of diffusers and transformers
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     pipe = load_pipeline(PaintCommand(model=cfg.model, device=device))
     assert isinstance(pipe, MPMPaintPipeline)
     results, items = evaluate_paint(
@@ -181,7 +187,7 @@ def paint_command(cfg: PaintEvalCommand, args) -> int:
         reference_images=cfg.reference_images, num_images=cfg.num_images, seed=cfg.seed, steps=cfg.steps,
         guidance_scale=cfg.guidance, height=height, width=width, batch_size=cfg.batch_size,
         judges=[build_scorer(name, "image", **cfg.metric_options.get(name, {})) for name in cfg.metrics],
-        device=device,
+        device=device, show_progress=not args.no_progress,
     )  # fmt: skip
     results.update(model=cfg.model, data=cfg.prompts)
     return _finish(results, items, cfg.output)
@@ -216,6 +222,7 @@ def register(groups) -> None:
     p = add_command(
         commands, "caption", caption_command, "mpm.eval.caption:CaptionEvalConfig",
         [*COMMON, Flag("--prompts", "prompts", str, "YAML/JSON {lang: prompt} overriding the shipped prompts"),
+         Flag("--tokenizer", "tokenizer", str, "CIDEr/BLEU tokenizers other than the defaults, e.g. zh:jieba,en:ptb"),
          Flag("--max-images", "max_images", int, "the first N images per language")],
         help="zero-shot captioning per language: CIDEr-D, BLEU-4" + generative,
         description="Caption Crossmodal-3600 (captions.jsonl) or a generic jsonl per language, asked in each language, "
@@ -243,6 +250,7 @@ def register(groups) -> None:
          Flag("--instances", "instances", str, "COCO instances JSON"),
          Flag("--captions", "captions", str, "COCO captions JSON"),
          Flag("--max-images", "max_images", int, "the first N images"),
+         Flag("--device", "device", str, "auto|cpu|cuda"),
          Flag("--output", "output", str, "results folder", short="-o")],
         help="object hallucination of English descriptions: CHAIR_s and CHAIR_i (COCO)",
         epilog="example: mpm eval chair --model runs/i2t/final --images coco/val2014 --max-images 500 "
@@ -253,6 +261,7 @@ def register(groups) -> None:
         commands, "mmbench", mmbench_command, MmbenchCommand,
         [Flag("--model", "model", str, "checkpoint"), Flag("--data", "data", "append", "a TSV per language, in --langs order"),
          Flag("--langs", "langs", "list", "languages of the TSVs"), Flag("--images", "images", str, "image folder"),
+         Flag("--device", "device", str, "auto|cpu|cuda"),
          Flag("--output", "output", str, "results folder", short="-o")],
         help="MMBench-style multiple choice with circular evaluation; en + zh give the transfer ratio",
         epilog="example: mpm eval mmbench --model runs/i2t/final --data mmbench_en.tsv --data mmbench_cn.tsv --langs en,zh -o out/",
@@ -268,7 +277,7 @@ def register(groups) -> None:
          Flag("--metric", "metrics", "append", "an image judge: registered name or package.module:Class"),
          Flag("--num-images", "num_images", int, "images per prompt"), Flag("--seed", "seed", int, "base seed"),
          Flag("--steps", "steps", int, "sampling steps"), Flag("--guidance", "guidance", float, "guidance scale"),
-         Flag("--size", "size", str, "512 or WIDTHxHEIGHT"),
+         Flag("--size", "size", str, "512 or WIDTHxHEIGHT"), Flag("--device", "device", str, "auto|cpu|cuda"),
          Flag("--output", "output", str, "results folder (images under it)", short="-o")],
         help="text-to-image per language: image-text score (also against the English prompt), cross-language consistency",
         epilog="example: mpm eval paint --model runs/t2i/final --prompts prompts.jsonl --langs en,zh --scorer CLIP_DIR -o out/",

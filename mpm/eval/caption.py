@@ -26,6 +26,7 @@ class CaptionEvalConfig:
     output: str = ""  # the results folder
     metrics: list[str] = field(default_factory=lambda: ["cider", "bleu4"])  # registered names or module:Class
     metric_options: dict = field(default_factory=dict)  # {metric: {option: value}}
+    tokenizer: str | None = None  # cider / bleu4 tokenizers other than each language's default: "zh:jieba,en:ptb"
     max_images: int | None = None  # the first N images of each language (a quick look)
     batch_size: int = 8
     max_new_tokens: int = 64
@@ -60,7 +61,11 @@ def evaluate_caption(cfg: CaptionEvalConfig, model=None, processor=None, show_pr
     items = read_captions(cfg.data, langs)
     if cfg.max_images:
         items = {lang: lang_items[: cfg.max_images] for lang, lang_items in items.items()}
-    scoring = ScoringSettings(cfg.metrics, cfg.metric_options, cfg.min_chars, cfg.min_words)
+    options = {k: dict(v) for k, v in cfg.metric_options.items()}
+    if cfg.tokenizer:
+        for name in ("cider", "bleu4"):
+            options.setdefault(name, {}).setdefault("tokenizer", cfg.tokenizer)
+    scoring = ScoringSettings(cfg.metrics, options, cfg.min_chars, cfg.min_words)
     generation = GenerationSettings(cfg.batch_size, cfg.max_new_tokens, cfg.device)
     describe = {"data": cfg.data, "images": cfg.images, "prompts": {lang: table[lang] for lang in langs}}
     return evaluate_generative(

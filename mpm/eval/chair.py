@@ -264,7 +264,7 @@ def evaluate_chair(
 
 @register_scorer
 class ChairScorer(TextScorer):
-    """`--metric chair --metric-option instances=PATH [--metric-option captions=PATH]`: CHAIR_s and CHAIR_i of
+    """`--metric chair metric_options.chair.instances=PATH [metric_options.chair.captions=PATH]`: CHAIR_s and CHAIR_i of
     English outputs on COCO images (items carry `image`, a COCO file name, and `output`). Per item: 1.0 when the
     output hallucinates an object, 0.0 when not, None when its image is not in the annotations."""
 

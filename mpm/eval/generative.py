@@ -78,7 +78,7 @@ def evaluate_generative(
     rows, missing_predictions = _outputs(kept, request_for, images, model_path, predictions, generation, model,
                                          processor, show_progress)  # fmt: skip
 
-    languages, per_item, names = {}, [], ["fidelity"]
+    languages, per_item, names, tokenizers = {}, [], ["fidelity"], {}
     for lang in langs:
         lang_rows = rows[lang]
         if not lang_rows:
@@ -99,6 +99,8 @@ def evaluate_generative(
             summary.update(scores.values)
             names += [k for k in scores.values if k not in names]
             summary.setdefault("details", {})[scorer.name] = scores.details
+            for name, used in (scores.details.get("tokenizer") or {}).items():  # one per language, recorded
+                tokenizers.setdefault(name, used)
             if scores.per_item is not None:
                 for row, value in zip(lang_rows, scores.per_item):
                     row.update(dict.fromkeys(scores.values, value) if len(scores.values) == 1 else {scorer.name: value})
@@ -120,6 +122,7 @@ def evaluate_generative(
         "predictions": str(predictions) if predictions else None,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "metrics": [s.name for s in scorers],
+        "tokenizers": tokenizers,
         "fidelity_settings": {"min_chars": scoring.min_chars, "min_words": scoring.min_words},
         "missing_images": sorted({m for lang in langs for m in missing_images[lang]}),
         "versions": _versions(),

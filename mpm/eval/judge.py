@@ -121,7 +121,7 @@ class LLMJudge(TextScorer):
                  retries: int | str = 4, timeout_s: float | str = 120.0):  # fmt: skip
         if not endpoint:
             raise ConfigError("llm_judge needs the option endpoint=URL: the base URL of an OpenAI-compatible server "
-                              "(e.g. --metric-option endpoint=http://127.0.0.1:8000/v1)")  # fmt: skip
+                              "(e.g. metric_options.llm_judge.endpoint=http://127.0.0.1:8000/v1)")  # fmt: skip
         if not model:
             raise ConfigError("llm_judge needs the option model=NAME: the judge model's name at the endpoint")
         self.prompt_file = Path(prompt_file) if prompt_file else DEFAULT_PROMPT_FILE

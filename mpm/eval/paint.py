@@ -447,7 +447,7 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray, notes: list
 # -- the built-in image judge --------------------------------------------------------------------------------------------
 @register_scorer
 class ClipScoreJudge(ImageJudge):
-    """`--metric clip_score --metric-option model=PATH`: cosine(image, its prompt) from a CLIP-style dual encoder
+    """`--metric clip_score metric_options.clip_score.model=PATH`: cosine(image, its prompt) from a CLIP-style dual encoder
     (t2i.scoring.ImageTextScorer: CLIP, Chinese-CLIP, SigLIP, ...). Not x100 and not clipped (see t2i/scoring.py)."""
 
     name = "clip_score"
@@ -455,7 +455,7 @@ class ClipScoreJudge(ImageJudge):
     def __init__(self, model: str | None = None, device: str = "cpu", batch_size: int | str = 32):
         if not model:
             raise ConfigError(
-                "--metric clip_score needs --metric-option model=PATH (a CLIP or SigLIP folder or hub id)"
+                "--metric clip_score needs metric_options.clip_score.model=PATH (a CLIP or SigLIP folder or hub id)"
             )
         self.model_path = model
         self.batch_size = int(batch_size)

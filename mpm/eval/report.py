@@ -18,7 +18,8 @@ from mpm.core.files import atomic_write_bytes, atomic_write_json, output_folder
 
 # Keys of a language's results that are not metric values.
 NOT_METRICS = {"items", "missing_images", "missing_predictions", "images", "questions", "captions", "mentions",
-               "hallucinated", "unparsed", "judged", "fidelity_strict"}  # fmt: skip
+               "hallucinated", "unparsed", "judged", "fidelity_strict", "answers",
+               "prompts", "missing_en", "judge_judged", "judge_unparsed", "judge_failed"}  # fmt: skip
 
 
 def metric_values(summary: dict) -> dict[str, float]:

@@ -44,7 +44,7 @@ class Scorer:
     kind: ClassVar[str]  # "text" | "image"
 
     def __init__(self, **options):
-        """Options come from `--metric-option KEY=VALUE` or the eval config (scorers without options ignore none:
+        """Options come from `metric_options.NAME.KEY=VALUE` overrides or the eval config (scorers without options ignore none:
         an unknown option is an error)."""
         if options:
             raise ConfigError(f"scorer {self.name!r} takes no options, got {sorted(options)}")

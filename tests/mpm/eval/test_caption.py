@@ -101,6 +101,7 @@ def test_caption_with_a_model_writes_results_whose_aggregates_match_the_items(mo
         assert summary["fidelity"] == (pytest.approx(expected) if expected is not None else None)
         assert rows[0]["prompt"] == results["prompts"][lang]
     assert results["prompts"]["zh"] != results["prompts"]["en"]  # asked in each language
+    assert results["tokenizers"] == {"en": "words", "zh": "chars"}  # one per language, recorded
     assert results["languages"]["en"]["transfer_ratio"].get("cider") in (1.0, None)
     assert (out / "table.md").is_file() and (out / "chart.png").is_file()
 
