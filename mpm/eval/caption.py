@@ -53,21 +53,35 @@ def request_for_prompts(table: dict[str, str]):
     return request_for
 
 
-def evaluate_caption(cfg: CaptionEvalConfig, model=None, processor=None, show_progress: bool = True):
-    """(results, per-item rows): see mpm/eval/generative.py for their schema."""
+def check_caption_eval(cfg: CaptionEvalConfig) -> tuple[list[str], dict[str, str], dict[str, list[dict]]]:
+    """(languages, prompt table, items per language), every setting checked (and each scorer against each
+    language) without a model: what a training run checks before its first step."""
+    from mpm.eval.scorers import build_scorer
+
     langs = parse_langs(",".join(cfg.langs))
     table = prompt_table(cfg.prompts)
     check_prompts(table, langs)
     items = read_captions(cfg.data, langs)
     if cfg.max_images:
         items = {lang: lang_items[: cfg.max_images] for lang, lang_items in items.items()}
+    for name in cfg.metrics:
+        scorer = build_scorer(name, "text", **cfg.metric_options.get(name, {}))
+        for lang in langs:
+            scorer.check(items[lang], lang)
+    return langs, table, items
+
+
+def evaluate_caption(cfg: CaptionEvalConfig, model=None, processor=None, show_progress: bool = True):
+    """(results, per-item rows): see mpm/eval/generative.py for their schema."""
+    langs, table, items = check_caption_eval(cfg)
     options = {k: dict(v) for k, v in cfg.metric_options.items()}
     if cfg.tokenizer:
         for name in ("cider", "bleu4"):
             options.setdefault(name, {}).setdefault("tokenizer", cfg.tokenizer)
     scoring = ScoringSettings(cfg.metrics, options, cfg.min_chars, cfg.min_words)
     generation = GenerationSettings(cfg.batch_size, cfg.max_new_tokens, cfg.device)
-    describe = {"data": cfg.data, "images": cfg.images, "prompts": {lang: table[lang] for lang in langs}}
+    describe = {"data": cfg.data, "images": cfg.images, "max_images": cfg.max_images,
+                "prompts": {lang: table[lang] for lang in langs}}  # fmt: skip
     return evaluate_generative(
         "caption", items, request_for_prompts(table), scoring, cfg.images, cfg.model, cfg.predictions, generation,
         model, processor, show_progress, describe,

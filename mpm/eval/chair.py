@@ -31,7 +31,6 @@ both rates, never scored as hallucination-free.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -276,11 +275,14 @@ class ChairScorer(TextScorer):
                               "json); captions=PATH (captions_val2014.json) is optional, the published CHAIR uses both")  # fmt: skip
         self.instances, self.captions = instances, captions
 
+    def check(self, items: list[dict], lang: str) -> None:
+        _check_english(lang, "scorer 'chair'")
+
     def score(self, items: list[dict], lang: str) -> Scores:
         _check_english(lang, "scorer 'chair'")
         outputs = [(item["image"], item["output"]) for item in items]
         result, objects = _scored(outputs, self.instances, self.captions)
-        nan = math.nan  # undefined rates (nothing mentioned) stay visible as NaN, never 0
+        nan = None  # undefined rates (nothing mentioned) stay visible as null (JSON has no NaN), never 0
         return Scores(
             {"chair_s": nan if result["chair_s"] is None else result["chair_s"],
              "chair_i": nan if result["chair_i"] is None else result["chair_i"]},

@@ -16,6 +16,7 @@ question). Formats:
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -57,12 +58,15 @@ def read_captions(path: str | Path, langs: list[str]) -> dict[str, list[dict]]:
                 raise DataError(f"{path}:{number}: `image/key` must be a string")
             present |= {k for k, v in row.items() if isinstance(v, dict) and "caption" in v}
             for lang in langs:
-                captions = (row.get(lang) or {}).get("caption") or []
+                entry = row.get(lang) or {}
+                captions = entry.get("caption") if isinstance(entry, dict) else None
+                if entry and not (isinstance(captions, list) and all(isinstance(c, str) for c in captions)):
+                    raise DataError(f'{path}:{number}: `{lang}` must be {{"caption": [strings]}} (Crossmodal-3600)')
                 if captions:
                     found[lang].append({"id": key, "image": f"{key}.jpg", "lang": lang, "references": list(captions),
                                         "locale": row.get("image/locale")})  # fmt: skip
-    else:
-        present = set()
+    else:  # one line per (image, language), or per caption: the references of one (id, language) are merged
+        present, merged = set(), {}
         for number, row in rows:
             image, lang, refs = row.get("image"), row.get("lang"), row.get("references")
             if not isinstance(image, str) or not isinstance(lang, str):
@@ -71,9 +75,13 @@ def read_captions(path: str | Path, langs: list[str]) -> dict[str, list[dict]]:
                 raise DataError(f"{path}:{number}: `references` must be a list of strings")
             present.add(lang)
             if lang in langs and refs:
+                key = (str(row.get("id", image)), lang)
+                if key in merged:
+                    merged[key]["references"] += refs
+                    continue
                 extra = {k: v for k, v in row.items() if k not in ("image", "lang", "references", "id")}
-                found[lang].append({"id": str(row.get("id", image)), "image": image, "lang": lang,
-                                    "references": refs, **extra})  # fmt: skip
+                merged[key] = {"id": key[0], "image": image, "lang": lang, "references": list(refs), **extra}
+                found[lang].append(merged[key])
     _check_languages(path, langs, found, present)
     return dict(found)
 
@@ -81,10 +89,12 @@ def read_captions(path: str | Path, langs: list[str]) -> dict[str, list[dict]]:
 def read_vqa(path: str | Path, langs: list[str], annotations: str | Path | None = None) -> dict[str, list[dict]]:
     """VQA items per language: the generic jsonl, or VQAv2's questions file with its annotations file (English)."""
     if annotations is not None:
-        return {"en": _read_vqav2(Path(path), Path(annotations))} if "en" in langs else {}
+        if langs != ["en"]:
+            raise DataError(f"VQAv2 (--annotations) is English only: use --langs en, not {','.join(langs)}")
+        return {"en": _read_vqav2(Path(path), Path(annotations))}
     rows = read_jsonl(path)
     found: dict[str, list[dict]] = defaultdict(list)
-    present = set()
+    present, seen = set(), defaultdict(set)
     for number, row in rows:
         image, lang, question, answers = row.get("image"), row.get("lang"), row.get("question"), row.get("answers")
         if not all(isinstance(v, str) for v in (image, lang, question)):
@@ -95,23 +105,35 @@ def read_vqa(path: str | Path, langs: list[str], annotations: str | Path | None 
             raise DataError(f"{path}:{number}: `answers` must be a non-empty list of strings")
         present.add(lang)
         if lang in langs:
+            # without an id, a question is named by its image and its text (not its line: editing the file must
+            # not re-pair predictions with other questions)
+            qid = str(row.get("id", f"{image}#{question}"))
+            if qid in seen[lang]:
+                raise DataError(f"{path}:{number}: question {qid!r} ({lang}) appears twice: give each question an `id`")
+            seen[lang].add(qid)
             extra = {k: v for k, v in row.items() if k not in ("image", "lang", "answers", "id")}
-            found[lang].append({"id": str(row.get("id", f"{image}#{number}")), "image": image, "lang": lang,
-                                "references": [str(a) for a in answers], **extra})  # fmt: skip
+            found[lang].append({"id": qid, "image": image, "lang": lang, "references": [str(a) for a in answers],
+                                **extra})  # fmt: skip
     _check_languages(path, langs, found, present)
     return dict(found)
 
 
 def _read_vqav2(questions_file: Path, annotations_file: Path) -> list[dict]:
     try:
-        questions = json.loads(questions_file.read_text(encoding="utf-8"))["questions"]
+        loaded = json.loads(questions_file.read_text(encoding="utf-8"))
+        questions = loaded["questions"]
         annotations = json.loads(annotations_file.read_text(encoding="utf-8"))["annotations"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(
             f"cannot read VQAv2 files {questions_file} / {annotations_file} ({type(exc).__name__}: {exc}): give the "
             "official questions JSON ({'questions': [...]}) and annotations JSON ({'annotations': [...]})"
         ) from None
-    split = questions_file.name.split("_")[2] if questions_file.name.count("_") >= 3 else "val2014"
+    # images are COCO_{split}_{id:012d}.jpg; the split is the file's data_subtype, or in its name (val2014)
+    split = loaded.get("data_subtype") or next(iter(re.findall(r"(?:train|val|test)\d{4}", questions_file.name)), None)
+    if not split:
+        raise DataError(
+            f"{questions_file}: no data_subtype field or split in the name (e.g. val2014) to name images by"
+        )
     answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in annotations}
     items = []
     for q in questions:
@@ -137,17 +159,32 @@ def read_predictions(path: str | Path) -> dict[tuple[str, str], str]:
 
 
 def split_missing_images(items: list[dict], images: str | Path | None) -> tuple[list[dict], list[str]]:
-    """(items whose image file exists, the missing images' names). Missing images are listed and excluded from
-    every score, never scored as zero."""
+    """(items whose image file exists and opens, the missing or unreadable images' names). They are listed and
+    excluded from every score, never scored as zero."""
     if images is None:
         return items, []
     folder = Path(images)
     if not folder.is_dir():
         raise DataError(f"--images {folder}: not a folder")
-    present, missing = [], []
+    present, missing, readable = [], [], {}
     for item in items:
-        (present if (folder / item["image"]).is_file() else missing).append(item)
+        name = item["image"]
+        if name not in readable:
+            readable[name] = _opens(folder / name)
+        (present if readable[name] else missing).append(item)
     return present, sorted({m["image"] for m in missing})
+
+
+def _opens(path: Path) -> bool:
+    """The file exists and its header is an image's (cheap: PIL reads the header only)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.size  # noqa: B018
+        return True
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
 
 
 def _check_languages(path, langs: list[str], found: dict, present: set[str]) -> None:

@@ -70,6 +70,8 @@ class FidelityResult:
 def judged_text(line: str, min_chars: int, min_words: int) -> str | None:
     """The line without punctuation when it is long enough to judge, else None."""
     text = " ".join(strip_punctuation(line).split())
+    if not any(ch.isalpha() for ch in text):  # digits and symbols say nothing about the language ("2", "3.5")
+        return None
     letters = [ch for ch in text if not ch.isspace() and not unicodedata.category(ch).startswith("M")]
     unsegmented = sum(is_unsegmented(ch) for ch in letters)
     if unsegmented and 2 * unsegmented >= len(letters):  # mostly a script without spaces: count characters

@@ -10,9 +10,11 @@ asked in?), every metric on all outputs and on the in-language outputs only, and
       "languages": {lang: {
           "items", "missing_images", "missing_predictions",
           "<metric>": value, ...                            # on every output of the language
-          "fidelity": share of judged outputs in the language (0-1), "fidelity_strict": share of all outputs,
+          "fidelity": share of all outputs in the language (0-1; too short to judge = not passing),
+          "fidelity_judged": share of the judged outputs (the Language Confusion Benchmark's rate),
           "fidelity_detail": {"judged", "too_short", "wrong", "detected": {label: count}, "measurable"},
-          "in_language": {"items", "<metric>": value, ...},  # only outputs that passed the fidelity check
+          "in_language": {"items", "<metric>": value, ...},  # outputs that passed the fidelity check (mean-of-items
+                                                             # metrics: per-item values of the whole set, averaged)
           "transfer_ratio": {"<metric>": value / English value, ...}}}}
     per item: {"id", "image", "lang", "prompt", "output", "references", "in_language", "<metric>": value, ...}
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +72,9 @@ def evaluate_generative(
         raise ConfigError("give a model to generate with (--model DIR) or outputs to score (--predictions FILE)")
     scorers = [build_scorer(name, "text", **scoring.metric_options.get(name, {})) for name in scoring.metrics]
     langs = list(items)
+    for lang in langs:  # a scorer that cannot score a language says so now, not after the model's work
+        for scorer in scorers:
+            scorer.check(items[lang], lang)
     kept, missing_images = {}, {}
     for lang in langs:
         kept[lang], missing_images[lang] = split_missing_images(items[lang], images)
@@ -87,9 +93,11 @@ def evaluate_generative(
         check = fidelity([r["output"] for r in lang_rows], lang, scoring.min_chars, scoring.min_words)
         for row, passed in zip(lang_rows, check.passed):
             row["in_language"] = passed
+        # fidelity: the share of ALL outputs in the language (outputs too short to judge never pass); the share of
+        # the judged ones beside it
         summary = {"items": len(lang_rows), "missing_images": len(missing_images[lang]),
-                   "missing_predictions": missing_predictions[lang], "fidelity": check.pass_rate,
-                   "fidelity_strict": check.strict_pass_rate,
+                   "missing_predictions": missing_predictions[lang], "fidelity": check.strict_pass_rate,
+                   "fidelity_judged": check.pass_rate,
                    "fidelity_detail": {"judged": check.judged, "too_short": check.too_short, "wrong": check.wrong,
                                        "detected": dict(check.detected), "measurable": check.measurable}}  # fmt: skip
         in_language = [r for r in lang_rows if r["in_language"]]
@@ -104,7 +112,10 @@ def evaluate_generative(
             if scores.per_item is not None:
                 for row, value in zip(lang_rows, scores.per_item):
                     row.update(dict.fromkeys(scores.values, value) if len(scores.values) == 1 else {scorer.name: value})
-            if in_language:
+            if in_language and scorer.mean_of_items and scores.per_item is not None and len(scores.values) == 1:
+                values = [v for row, v in zip(lang_rows, scores.per_item) if row["in_language"] and v is not None]
+                summary["in_language"][next(iter(scores.values))] = sum(values) / len(values) if values else None
+            elif in_language:
                 summary["in_language"].update(scorer.score(in_language, lang).values)
         languages[lang] = summary
         per_item.extend(lang_rows)
@@ -140,9 +151,13 @@ def _outputs(items, request_for, images, model_path, predictions, generation, mo
     if predictions is not None:
         outputs = read_predictions(predictions)
         for lang, lang_items in items.items():
+            # a prediction named by its image stands for an item only when no other item of the language shares it
+            images = Counter(item["image"] for item in lang_items)
             for item in lang_items:
                 _, prompt = request_for(item, folder)
-                output = outputs.get((item["id"], lang), outputs.get((item["image"], lang)))
+                output = outputs.get((item["id"], lang))
+                if output is None and images[item["image"]] == 1:
+                    output = outputs.get((item["image"], lang))
                 if output is None:
                     missing[lang] += 1
                     continue

@@ -136,6 +136,10 @@ class _CaptionScorer(TextScorer):
     def _metric(self, candidates, references) -> tuple[float, list[float]]:
         raise NotImplementedError
 
+    def check(self, items: list[dict], lang: str) -> None:
+        tokenizer_for(lang, self.tokenizer)
+        _references(items, lang, self.name)
+
     def score(self, items: list[dict], lang: str) -> Scores:
         refs = _references(items, lang, self.name)
         name = tokenizer_for(lang, self.tokenizer)
@@ -160,6 +164,7 @@ class CiderScorer(_CaptionScorer):
 
     name = "cider"
     package = "pycocoevalcap"
+    mean_of_items = True
 
     def _metric(self, candidates, references):
         return cider_d(candidates, references)
@@ -189,8 +194,9 @@ class VQAAccuracyScorer(TextScorer):
     """
 
     name = "vqa_accuracy"
+    mean_of_items = True
 
-    def score(self, items: list[dict], lang: str) -> Scores:
+    def check(self, items: list[dict], lang: str) -> None:
         refs = _references(items, lang, self.name)
         for i, (item, item_refs) in enumerate(zip(items, refs)):
             if len(item_refs) < MIN_VQA_ANSWERS:
@@ -199,6 +205,10 @@ class VQAAccuracyScorer(TextScorer):
                     f"of language {lang!r} has {len(item_refs)}, with which even a perfect answer scores below 1.0; use "
                     "--metric exact_match for single-answer data (xGQA, MaXM)"
                 )
+
+    def score(self, items: list[dict], lang: str) -> Scores:
+        self.check(items, lang)
+        refs = _references(items, lang, self.name)
         per_item = [vqa_accuracy(output, item_refs) for output, item_refs in zip(_outputs(items), refs)]
         return Scores(
             {self.name: sum(per_item) / len(per_item)},
@@ -221,6 +231,10 @@ class ExactMatchScorer(TextScorer):
     """1 when the normalised output equals any normalised reference (MaXM, xGQA), else 0; see `match_key`."""
 
     name = "exact_match"
+    mean_of_items = True
+
+    def check(self, items: list[dict], lang: str) -> None:
+        _references(items, lang, self.name)
 
     def score(self, items: list[dict], lang: str) -> Scores:
         refs = _references(items, lang, self.name)

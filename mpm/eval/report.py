@@ -18,7 +18,7 @@ from mpm.core.files import atomic_write_bytes, atomic_write_json, output_folder
 
 # Keys of a language's results that are not metric values.
 NOT_METRICS = {"items", "missing_images", "missing_predictions", "images", "questions", "captions", "mentions",
-               "hallucinated", "unparsed", "judged", "fidelity_strict", "answers",
+               "hallucinated", "unparsed", "judged", "answers",
                "prompts", "missing_en", "judge_judged", "judge_unparsed", "judge_failed"}  # fmt: skip
 
 
@@ -44,7 +44,11 @@ def markdown_table(results: dict) -> str:
     """Languages as rows, metrics as columns; a generative task adds in-language scores and transfer ratios."""
     languages = results.get("languages", {})
     metrics = list(dict.fromkeys(k for s in languages.values() for k in metric_values(s)))
-    ratio = [m for m in metrics if any(m in (s.get("transfer_ratio") or {}) for s in languages.values())]
+    ratios = {
+        lang: s.get("transfer_ratio") or (results.get("transfer_ratio") or {}).get(lang) or {}
+        for lang, s in languages.items()
+    }  # per language, or at the top (mpm eval paint)
+    ratio = [m for m in metrics if any(m in r for r in ratios.values())]
     in_language = [m for m in metrics if any(m in (s.get("in_language") or {}) for s in languages.values())]
     header = ["lang", "items", *metrics, *(f"{m} (in language)" for m in in_language),
               *(f"{m} / en" for m in ratio if m != "fidelity")]  # fmt: skip
@@ -53,7 +57,8 @@ def markdown_table(results: dict) -> str:
         cells = [lang, str(s.get("items", s.get("images", s.get("questions", ""))))]
         cells += [_fmt(s.get(m)) for m in metrics]
         cells += [_fmt((s.get("in_language") or {}).get(m)) for m in in_language]
-        cells += [_fmt((s.get("transfer_ratio") or {}).get(m)) for m in ratio if m != "fidelity"]
+        ratios = s.get("transfer_ratio") or (results.get("transfer_ratio") or {}).get(lang) or {}
+        cells += [_fmt(ratios.get(m)) for m in ratio if m != "fidelity"]
         rows.append(cells)
     title = f"**{results.get('task', '?')}** {results.get('model') or results.get('predictions') or ''}".strip()
     lines = [title, "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -94,18 +99,27 @@ def compare(paths: list[str | Path]) -> str:
             results = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise DataError(f"{path}: not a results file ({exc})") from None
-        if not isinstance(results, dict) or "languages" not in results or "task" not in results:
+        languages = results.get("languages") if isinstance(results, dict) else None
+        if not isinstance(languages, dict) or not all(isinstance(s, dict) for s in languages.values()):
             raise DataError(f"{path}: not a results file of mpm eval (no task / languages)")
         runs.append((Path(path), results))
     first_path, first = runs[0]
     for path, results in runs[1:]:
-        for key in ("task", "data"):
+        if results.get("task") != first.get("task") or _data(results) != _data(first):
+            raise DataError(
+                f"{path} is a {results.get('task')} run on {results.get('data')}, {first_path} a {first.get('task')} "
+                f"run on {first.get('data')}: compare results of the same benchmark"
+            )
+        # the same benchmark scored differently is not comparable either: other tokenizers, other items
+        for key in ("tokenizers", "max_images", "fidelity_settings"):
             if results.get(key) != first.get(key):
-                raise DataError(
-                    f"{path} is a {results.get('task')} run on {results.get('data')}, {first_path} a {first.get('task')} "
-                    f"run on {first.get('data')}: compare results of the same benchmark"
-                )
-    names = [str(r.get("model") or r.get("predictions") or p.parent.name) for p, r in runs]
+                raise DataError(f"{path} and {first_path} were scored with other {key} ({results.get(key)} vs "
+                                f"{first.get(key)}): their numbers are not comparable")  # fmt: skip
+        for lang in set(results["languages"]) & set(first["languages"]):
+            a, b = results["languages"][lang].get("items"), first["languages"][lang].get("items")
+            if a != b:
+                raise DataError(f"{path} scored {a} {lang} items, {first_path} {b}: their numbers are not comparable")
+    names = [p.parent.name or str(p) for p, _ in runs]  # the results folders name the runs
     metrics = list(dict.fromkeys(k for _, r in runs for s in r["languages"].values() for k in metric_values(s)))
     langs = list(dict.fromkeys(lang for _, r in runs for lang in r["languages"]))
     header = ["lang", *(f"{m} [{n}]" for m in metrics for n in names)]
@@ -115,6 +129,15 @@ def compare(paths: list[str | Path]) -> str:
         cells = [lang] + [_fmt(r["languages"].get(lang, {}).get(m)) for m in metrics for _, r in runs]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _data(results: dict):
+    data = results.get("data")
+    if isinstance(data, str):
+        return str(Path(data).resolve())
+    if isinstance(data, list):
+        return [str(Path(d).resolve()) for d in data]
+    return data
 
 
 def _fmt(value) -> str:

@@ -52,6 +52,14 @@ class Scorer:
 
 class TextScorer(Scorer):
     kind = "text"
+    # The aggregate is the mean of the per-item values (CIDEr-D, accuracies): a subset's value (the in-language
+    # outputs) is then the mean over the subset of values computed on the whole set (CIDEr's idf stays the whole
+    # language's), not a new corpus score. False for corpus statistics such as BLEU, recomputed on the subset.
+    mean_of_items: ClassVar[bool] = False
+
+    def check(self, items: list[dict], lang: str) -> None:
+        """Raise a UserError when these items cannot be scored in `lang` (references missing, a tokenizer made for
+        another language): called before anything is generated, so a run does not fail after the model's work."""
 
     def score(self, items: list[dict], lang: str) -> Scores:
         raise NotImplementedError

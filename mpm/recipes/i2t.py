@@ -74,6 +74,10 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
     sharded = _shards_weights(accelerator)
     if t.lora.enabled and sharded:
         raise ConfigError("train.lora needs whole weights to merge: use DDP or DeepSpeed ZeRO-2, not FSDP / ZeRO-3")
+    if cfg.eval.data and sharded:  # the main process alone generates: it needs the whole weights
+        raise ConfigError(
+            "eval during training needs whole weights: use DDP or ZeRO-2, or evaluate final/ with mpm eval"
+        )
     if accelerator.is_main_process:
         output_folder(out, "train.output_dir")
         check_resume(out, cfg, RESUMABLE)
@@ -89,6 +93,10 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
                 shard_urls(shards)
             except FileNotFoundError as exc:
                 raise ConfigError(f"data.shards: {exc}") from None
+    if cfg.eval.data:  # the held-out set, its languages and prompts: checked now, not at the first checkpoint
+        from mpm.eval.caption import check_caption_eval
+
+        check_caption_eval(_eval_settings(cfg))
 
     # 3. The model, what trains, the optimizer ---------------------------------------------------------------------
     model, processor = build_model(cfg.model)
@@ -238,13 +246,9 @@ def evaluate_during_training(cfg: TrainConfig, accelerator, model, processor, me
     """Zero-shot captioning in `eval.langs` on the held-out set (`mpm eval caption`'s code), on the main process;
     per-language scores and fidelity go to the metrics log as eval_<metric>_<lang>."""
     if accelerator.is_main_process:
-        from mpm.eval.caption import CaptionEvalConfig, evaluate_caption
+        from mpm.eval.caption import evaluate_caption
 
-        e = cfg.eval
-        settings = CaptionEvalConfig(
-            data=e.data, images=e.images, langs=e.langs, prompts=e.prompts, metrics=e.metrics,
-            max_images=e.max_images, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-        )  # fmt: skip
+        settings = _eval_settings(cfg)
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.eval()
         try:
@@ -259,6 +263,16 @@ def evaluate_during_training(cfg: TrainConfig, accelerator, model, processor, me
                for lang, summary in results["languages"].items() for name, value in metric_values(summary).items()}  # fmt: skip
         metrics.log(step, row)
     accelerator.wait_for_everyone()
+
+
+def _eval_settings(cfg: TrainConfig):
+    from mpm.eval.caption import CaptionEvalConfig
+
+    e = cfg.eval
+    return CaptionEvalConfig(
+        data=e.data, images=e.images, langs=e.langs, prompts=e.prompts, metrics=e.metrics, max_images=e.max_images,
+        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+    )  # fmt: skip
 
 
 def supervised_tokens(batch: dict) -> int:

@@ -96,9 +96,13 @@ def test_caption_with_a_model_writes_results_whose_aggregates_match_the_items(mo
         # CIDEr-D of a corpus is the mean of its images' scores; the custom scorer's too
         assert summary["cider"] == pytest.approx(sum(r["cider"] for r in rows) / 3)
         assert summary["shout_rate"] == pytest.approx(sum(r["shout_rate"] for r in rows) / 3)
+        # fidelity: passes over every output (too short to judge = not passing); fidelity_judged: over the judged
+        assert summary["fidelity"] == pytest.approx(sum(r["in_language"] is True for r in rows) / 3)
         judged = [r["in_language"] for r in rows if r["in_language"] is not None]
-        expected = sum(judged) / len(judged) if judged else None
-        assert summary["fidelity"] == (pytest.approx(expected) if expected is not None else None)
+        assert summary["fidelity_judged"] == (pytest.approx(sum(judged) / len(judged)) if judged else None)
+        in_language = [r["cider"] for r in rows if r["in_language"]]
+        if in_language:  # the in-language CIDEr averages the whole set's per-item values (one idf)
+            assert summary["in_language"]["cider"] == pytest.approx(sum(in_language) / len(in_language))
         assert rows[0]["prompt"] == results["prompts"][lang]
     assert results["prompts"]["zh"] != results["prompts"]["en"]  # asked in each language
     assert results["tokenizers"] == {"en": "words", "zh": "chars"}  # one per language, recorded
@@ -134,7 +138,8 @@ def test_predictions_are_scored_without_a_model_against_hand_computed_values(tmp
     en, de = results["languages"]["en"], results["languages"]["de"]
     assert en["bleu4"] == pytest.approx(100.0)
     assert en["fidelity"] == 1.0
-    assert de["fidelity"] == pytest.approx(2 / 3)  # 3 judged (the empty one is too short), 2 in German
+    assert de["fidelity"] == pytest.approx(2 / 4)  # 2 of 4 in German (the empty one is too short: not passing)
+    assert de["fidelity_judged"] == pytest.approx(2 / 3)  # 3 judged, 2 in German
     assert de["fidelity_detail"]["too_short"] == 1 and de["fidelity_detail"]["wrong"] == 1
     assert de["in_language"]["items"] == 2 and de["in_language"]["bleu4"] == pytest.approx(100.0)
     assert de["transfer_ratio"]["bleu4"] == pytest.approx(de["bleu4"] / 100.0)
@@ -144,14 +149,14 @@ def test_predictions_are_scored_without_a_model_against_hand_computed_values(tmp
 def test_vqa_jsonl_with_exact_match(tmp_path, capsys):
     data = tmp_path / "vqa.jsonl"
     lines = [
-        {"image": "a.png", "lang": "en", "question": "What colour is it?", "answers": ["Red", "red"]},
-        {"image": "b.png", "lang": "en", "question": "How many?", "answers": ["two"]},
-        {"image": "a.png", "lang": "zh", "question": "这是什么颜色？", "answers": ["红色"]},
+        {"id": "q1", "image": "a.png", "lang": "en", "question": "What colour is it?", "answers": ["Red", "red"]},
+        {"id": "q2", "image": "b.png", "lang": "en", "question": "How many?", "answers": ["two"]},
+        {"id": "q1", "image": "a.png", "lang": "zh", "question": "这是什么颜色？", "answers": ["红色"]},
     ]
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines), encoding="utf-8")
     predictions = tmp_path / "p.jsonl"
-    outputs = [{"id": "a.png#1", "lang": "en", "output": "red."}, {"id": "b.png#2", "lang": "en", "output": "three"},
-               {"id": "a.png#3", "lang": "zh", "output": "红色"}]  # fmt: skip
+    outputs = [{"id": "q1", "lang": "en", "output": "red."}, {"id": "q2", "lang": "en", "output": "three"},
+               {"id": "q1", "lang": "zh", "output": "红色"}]  # fmt: skip
     predictions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in outputs), encoding="utf-8")
     status, _, err = run(capsys, "vqa", "--predictions", predictions, "--data", data, "--langs", "en,zh", "-o",
                          tmp_path / "out")  # fmt: skip
@@ -231,3 +236,8 @@ def test_training_logs_per_language_scores_at_every_checkpoint(tiny_parts, colou
     assert [r["step"] for r in evals] == [2, 4]
     assert all("eval_cider_zh" in r and "eval_fidelity_en" in r for r in evals)
     assert all(math.isfinite(r["eval_cider_zh"]) for r in evals)
+
+    # a held-out set without the languages asked for fails before the first step, not at the first checkpoint
+    args = [a for a in args if not a.startswith(("eval.langs", "train.output_dir"))]
+    assert main([*args, "eval.langs=[en,fr]", f"train.output_dir={tmp_path / 'other'}"]) == 2
+    assert not (tmp_path / "other" / "checkpoints").exists()
