@@ -44,8 +44,10 @@ class VqaEvalConfig:
     batch_size: int = 8
     max_new_tokens: int = 16
     device: str = "auto"
-    min_chars: int = 2  # short answers: fidelity judges even one-word answers in CJK
-    min_words: int = 1
+    # fastText cannot tell the language of a one-word answer ("rot", "ja": wrongly labelled): short answers are
+    # too short to judge, so VQA fidelity speaks for the longer answers (`fidelity_judged`)
+    min_chars: int = 6
+    min_words: int = 3
 
     def __post_init__(self):
         for name in ("batch_size", "max_new_tokens", "min_chars", "min_words"):
