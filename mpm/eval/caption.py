@@ -40,11 +40,15 @@ class CaptionEvalConfig:
 
 
 def request_for_prompts(table: dict[str, str]):
-    """The `request_for` of a prompt per language: a chat message, or a raw prompt (image marker inside)."""
-    from mpm.inference import Request
+    """The `request_for` of a prompt per language: a chat message, or a raw prompt (image marker inside).
+    `with_request=False` gives the prompt alone (scoring predictions: no torch to import)."""
 
-    def request_for(item: dict, images: Path | None):
+    def request_for(item: dict, images: Path | None, with_request: bool = True):
         prompt = table[item["lang"]].replace("{question}", item.get("question", ""))
+        if not with_request:
+            return None, prompt
+        from mpm.inference import Request
+
         image = str(images / item["image"]) if images is not None else item["image"]
         if is_raw(prompt):
             return Request(images=[image], prompt=prompt), prompt

@@ -67,7 +67,8 @@ def evaluate_generative(
 ) -> tuple[dict, list[dict]]:
     """(results, per-item rows) for `items` per language. Outputs come from `predictions` (a jsonl file), from
     `model` / `processor` (already loaded), or from `model_path` (loaded here). `request_for(item, images folder)`
-    gives the item's `mpm.inference.Request` and the prompt text recorded for it."""
+    gives the item's `mpm.inference.Request` and the prompt text recorded for it (`request_for(item, folder,
+    False)`: the prompt alone, no Request)."""
     if (predictions is None) == (model is None and model_path is None):
         raise ConfigError("give a model to generate with (--model DIR) or outputs to score (--predictions FILE)")
     scorers = [build_scorer(name, "text", **scoring.metric_options.get(name, {})) for name in scoring.metrics]
@@ -154,7 +155,7 @@ def _outputs(items, request_for, images, model_path, predictions, generation, mo
             # a prediction named by its image stands for an item only when no other item of the language shares it
             images = Counter(item["image"] for item in lang_items)
             for item in lang_items:
-                _, prompt = request_for(item, folder)
+                _, prompt = request_for(item, folder, False)
                 output = outputs.get((item["id"], lang))
                 if output is None and images[item["image"]] == 1:
                     output = outputs.get((item["image"], lang))

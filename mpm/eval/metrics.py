@@ -82,11 +82,16 @@ def bleu4(candidates_tokens: list[list[str]], references_tokens: list[list[list[
     refs = [[_join(r) for r in item] for item in references_tokens]
     n_streams = max(len(item) for item in refs)
     streams = [[item[k] if k < len(item) else None for item in refs] for k in range(n_streams)]
-    # force=True: the input is tokenized on purpose (sacrebleu warns about " ." endings otherwise)
-    corpus = BLEU(tokenize="none", force=True).corpus_score(hyps, streams).score
+    # force=True: the input is tokenized on purpose (sacrebleu warns about " ." endings otherwise).
+    # Each segment's n-gram statistics are extracted once, then summed for the corpus score and scored alone for
+    # the per-item one (what corpus_score and sentence_score do, without extracting every reference twice: half
+    # of BLEU's time at XM3600 scale).
+    corpus = BLEU(tokenize="none", force=True)
     sentence = BLEU(tokenize="none", force=True, effective_order=True)
-    per_item = [sentence.sentence_score(hyp, item).score for hyp, item in zip(hyps, refs)]
-    return float(corpus), [float(s) for s in per_item]
+    stats = corpus._extract_corpus_statistics(hyps, streams)
+    score = corpus._aggregate_and_compute(stats).score
+    per_item = [sentence._compute_score_from_stats(segment).score for segment in stats]
+    return float(score), [float(s) for s in per_item]
 
 
 @functools.cache

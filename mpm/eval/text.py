@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import unicodedata
 from collections.abc import Callable
@@ -60,9 +61,15 @@ def is_punctuation(ch: str) -> bool:
     return unicodedata.category(ch).startswith("P")
 
 
+@functools.cache
+def _punctuation_to_space() -> dict[int, str]:
+    """str.translate's table: every Unicode punctuation character (category P*) -> a space (built once, 0.3 s)."""
+    return {cp: " " for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp)).startswith("P")}
+
+
 def strip_punctuation(text: str) -> str:
     """Every Unicode punctuation character replaced by a space."""
-    return "".join(" " if is_punctuation(ch) else ch for ch in text)
+    return text.translate(_punctuation_to_space())
 
 
 def words_tokenize(text: str) -> list[str]:
@@ -236,5 +243,11 @@ def tokenize_many(texts: list[str], lang: str, tokenizer: str | None = None) -> 
     name = tokenizer_for(lang, tokenizer)
     if name == "ptb":
         return ptb_tokenize(texts)
-    fn = _SIMPLE[name]
-    return [fn(text) for text in texts]
+    return [list(_tokens(name, text)) for text in texts]
+
+
+@functools.lru_cache(maxsize=1_000_000)
+def _tokens(name: str, text: str) -> tuple[str, ...]:
+    """One text's tokens, remembered: CIDEr, BLEU and the in-language scores tokenize the same references and
+    outputs several times (at XM3600 scale: 390,000 texts, 12 s a pass)."""
+    return tuple(_SIMPLE[name](text))
