@@ -34,3 +34,4 @@ bench: setup
 	$(BIN)/python benchmarks/bench_resume.py
 	$(BIN)/python benchmarks/bench_stage1.py
 	$(BIN)/python benchmarks/bench_t2i.py
+	$(BIN)/python benchmarks/bench_eval.py

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import datetime
 import logging
+import multiprocessing
+import os
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +37,7 @@ from mpm.eval.fidelity import fidelity
 from mpm.eval.scorers import build_scorer
 
 logger = logging.getLogger(__name__)
+PARALLEL_FROM = 20_000  # outputs: from this many on, languages are scored in worker processes
 
 
 @dataclass
@@ -85,41 +89,28 @@ def evaluate_generative(
     rows, missing_predictions = _outputs(kept, request_for, images, model_path, predictions, generation, model,
                                          processor, show_progress)  # fmt: skip
 
-    languages, per_item, names, tokenizers = {}, [], ["fidelity"], {}
     for lang in langs:
-        lang_rows = rows[lang]
-        if not lang_rows:
+        if not rows[lang]:
             raise DataError(f"no {lang} item could be scored (images missing: {len(missing_images[lang])}, "
                             f"predictions missing: {missing_predictions[lang]})")  # fmt: skip
-        check = fidelity([r["output"] for r in lang_rows], lang, scoring.min_chars, scoring.min_words)
-        for row, passed in zip(lang_rows, check.passed):
-            row["in_language"] = passed
-        # fidelity: the share of ALL outputs in the language (outputs too short to judge never pass); the share of
-        # the judged ones beside it
-        summary = {"items": len(lang_rows), "missing_images": len(missing_images[lang]),
-                   "missing_predictions": missing_predictions[lang], "fidelity": check.strict_pass_rate,
-                   "fidelity_judged": check.pass_rate,
-                   "fidelity_detail": {"judged": check.judged, "too_short": check.too_short, "wrong": check.wrong,
-                                       "detected": dict(check.detected), "measurable": check.measurable}}  # fmt: skip
-        in_language = [r for r in lang_rows if r["in_language"]]
-        summary["in_language"] = {"items": len(in_language)}
-        for scorer in scorers:
-            scores = scorer.score(lang_rows, lang)
-            summary.update(scores.values)
-            names += [k for k in scores.values if k not in names]
-            summary.setdefault("details", {})[scorer.name] = scores.details
-            for name, used in (scores.details.get("tokenizer") or {}).items():  # one per language, recorded
-                tokenizers.setdefault(name, used)
-            if scores.per_item is not None:
-                for row, value in zip(lang_rows, scores.per_item):
-                    row.update(dict.fromkeys(scores.values, value) if len(scores.values) == 1 else {scorer.name: value})
-            if in_language and scorer.mean_of_items and scores.per_item is not None and len(scores.values) == 1:
-                values = [v for row, v in zip(lang_rows, scores.per_item) if row["in_language"] and v is not None]
-                summary["in_language"][next(iter(scores.values))] = sum(values) / len(values) if values else None
-            elif in_language:
-                summary["in_language"].update(scorer.score(in_language, lang).values)
+    # Languages are scored independently: at XM3600 scale (36 languages, 130,000 outputs) in worker processes,
+    # one per core; small runs in this process (starting workers costs more than it saves).
+    jobs = [(lang, rows[lang], scoring) for lang in langs]
+    workers = min(os.cpu_count() or 1, len(langs))
+    if workers > 1 and sum(len(r) for r in rows.values()) >= PARALLEL_FROM:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            scored = list(pool.map(_score_language, jobs))
+    else:
+        scored = [_score_language(job) for job in jobs]
+    languages, per_item, names, tokenizers = {}, [], ["fidelity"], {}
+    for lang, (summary, lang_rows, lang_names, lang_tokenizers) in zip(langs, scored):
+        summary = {"items": summary.pop("items"), "missing_images": len(missing_images[lang]),
+                   "missing_predictions": missing_predictions[lang], **summary}  # fmt: skip
         languages[lang] = summary
         per_item.extend(lang_rows)
+        names += [k for k in lang_names if k not in names]
+        for name, used in lang_tokenizers.items():
+            tokenizers.setdefault(name, used)
     if "en" in languages:  # the transfer ratio: a language's score over English's (None where English scored 0)
         english = languages["en"]
         for summary in languages.values():
@@ -142,6 +133,39 @@ def evaluate_generative(
         "languages": languages,
     }
     return results, per_item
+
+
+def _score_language(job: tuple[str, list[dict], ScoringSettings]) -> tuple[dict, list[dict], list[str], dict]:
+    """One language: fidelity, every scorer on all outputs and on the in-language ones. Returns (summary, rows
+    with per-item values, metric names, tokenizers used). Scorers are built here: it may run in a worker process."""
+    lang, lang_rows, scoring = job
+    scorers = [build_scorer(name, "text", **scoring.metric_options.get(name, {})) for name in scoring.metrics]
+    check = fidelity([r["output"] for r in lang_rows], lang, scoring.min_chars, scoring.min_words)
+    for row, passed in zip(lang_rows, check.passed):
+        row["in_language"] = passed
+    # fidelity: the share of ALL outputs in the language (outputs too short to judge never pass); the share of the
+    # judged ones beside it
+    summary = {"items": len(lang_rows), "fidelity": check.strict_pass_rate, "fidelity_judged": check.pass_rate,
+               "fidelity_detail": {"judged": check.judged, "too_short": check.too_short, "wrong": check.wrong,
+                                   "detected": dict(check.detected), "measurable": check.measurable}}  # fmt: skip
+    in_language = [r for r in lang_rows if r["in_language"]]
+    summary["in_language"] = {"items": len(in_language)}
+    names, tokenizers = [], {}
+    for scorer in scorers:
+        scores = scorer.score(lang_rows, lang)
+        summary.update(scores.values)
+        names += [k for k in scores.values if k not in names]
+        summary.setdefault("details", {})[scorer.name] = scores.details
+        tokenizers.update(scores.details.get("tokenizer") or {})  # one per language, recorded
+        if scores.per_item is not None:
+            for row, value in zip(lang_rows, scores.per_item):
+                row.update(dict.fromkeys(scores.values, value) if len(scores.values) == 1 else {scorer.name: value})
+        if in_language and scorer.mean_of_items and scores.per_item is not None and len(scores.values) == 1:
+            values = [v for row, v in zip(lang_rows, scores.per_item) if row["in_language"] and v is not None]
+            summary["in_language"][next(iter(scores.values))] = sum(values) / len(values) if values else None
+        elif in_language:
+            summary["in_language"].update(scorer.score(in_language, lang).values)
+    return summary, lang_rows, names, tokenizers
 
 
 def _outputs(items, request_for, images, model_path, predictions, generation, model, processor, show_progress):

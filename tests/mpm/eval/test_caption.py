@@ -241,3 +241,23 @@ def test_training_logs_per_language_scores_at_every_checkpoint(tiny_parts, colou
     args = [a for a in args if not a.startswith(("eval.langs", "train.output_dir"))]
     assert main([*args, "eval.langs=[en,fr]", f"train.output_dir={tmp_path / 'other'}"]) == 2
     assert not (tmp_path / "other" / "checkpoints").exists()
+
+
+def test_languages_scored_in_worker_processes_give_the_same_results(tmp_path, capsys, monkeypatch):
+    import mpm.eval.generative as generative
+
+    data, _ = write_data(tmp_path, missing=None)
+    predictions = tmp_path / "p.jsonl"
+    lines = [{"image": f"{i}.png", "lang": lang, "output": text}
+             for i in range(4) for lang, text in (("en", f"a square number {i} on a page"), ("zh", "红色的方块在页面上"),
+                                                  ("de", "ein Quadrat auf einer weißen Seite"))]  # fmt: skip
+    predictions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines), encoding="utf-8")
+    runs = {}
+    for name, threshold in (("serial", 10**9), ("workers", 1)):
+        monkeypatch.setattr(generative, "PARALLEL_FROM", threshold)
+        status, _, err = run(capsys, "caption", "--predictions", predictions, "--data", data, "--langs", "en,zh,de",
+                             "-o", tmp_path / name)  # fmt: skip
+        assert status == 0, err
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        runs[name] = (results["languages"], (tmp_path / name / "items.jsonl").read_text())
+    assert runs["serial"] == runs["workers"]
