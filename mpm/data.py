@@ -89,7 +89,10 @@ class PairCaptions(IterableDataset):
                 {"role": "assistant", "content": pair.caption},
             ]
             try:
-                yield self.processor.encode_conversation(messages, [pair.image], self.max_length)
+                if "<image>" in prompt:  # a raw prompt: the image where the marker is, no chat template
+                    yield self.processor.encode_raw(prompt, pair.caption, [pair.image], self.max_length)
+                else:
+                    yield self.processor.encode_conversation(messages, [pair.image], self.max_length)
             except ProcessingError as exc:
                 skips.record(key, str(exc))
                 yield Skipped(str(exc), key)

@@ -193,6 +193,29 @@ class MPMProcessor:
             input_ids, labels, pixels = self._truncate(input_ids, labels, pixels, per_image, max_length)
         return Encoded(input_ids, labels, pixels)
 
+    def encode_raw(self, prompt: str, answer: str, images: list[Image.Image], max_length: int | None = None) -> Encoded:
+        """Training inputs for a raw prompt (no chat template; `<image>` markers anywhere, e.g.
+        "<ctx><image></ctx> Describe in English:") followed by `answer`: the answer's tokens and the end-of-sequence
+        token are supervised. Tokenized as `encode_prompt` tokenizes a raw prompt at generation (the tokenizer's
+        own special tokens), so a model trained this way is asked the same way. Raises ProcessingError."""
+        if not answer.strip():
+            raise ProcessingError("the answer is empty")
+        expanded, pixels, per_image = self._expand([{"role": "user", "content": prompt}], images)
+        text = expanded[0]["content"]
+        start = self.tokenizer(text)["input_ids"]
+        full = self.tokenizer(f"{text} {answer.strip()}")["input_ids"]
+        if full[: len(start)] != start:
+            raise ProcessingError(
+                "the raw prompt's tokens change when the answer follows it: end it with a space-free mark"
+            )
+        if self.tokenizer.eos_token_id is not None and full[-1:] != [self.tokenizer.eos_token_id]:
+            full = [*full, self.tokenizer.eos_token_id]
+        labels = [IGNORE_INDEX] * len(start) + full[len(start) :]
+        input_ids = full
+        if max_length is not None and len(input_ids) > max_length:
+            input_ids, labels, pixels = self._truncate(input_ids, labels, pixels, per_image, max_length)
+        return Encoded(input_ids, labels, pixels)
+
     def _answer_end(self, full: str, prompt: str, alone: str, content: str, input_ids: list[int]) -> list[int]:
         """The tokens of `full` up to the end of this answer and what closes it (as when the turn is rendered last:
         `alone`). The answer must follow its generation prompt directly; [] when it does not (refused)."""

@@ -64,6 +64,9 @@ class DataSection:
     shards: list[str] = field(default_factory=list)  # pretrain: pair shard sets (folders or brace patterns)
     weights: list[float] | None = None  # pretrain: sampling weight per shard set
     shuffle_buffer: int = 1000
+    # pretrain: the caption instructions, one picked per sample. An entry holding "<image>" is a raw prompt (no chat
+    # template, the image where the marker is, e.g. "<ctx><image></ctx> Describe in English:"), asked the same way
+    # by `mpm.generate` (Request(prompt=...)) and by `mpm eval`'s prompt table
     caption_prompts: list[str] = field(default_factory=lambda: list(CAPTION_PROMPTS))
     conversations: list[str] = field(default_factory=list)  # sft: LLaVA JSON, UniMM-Chat jsonl/parquet, ShareGPT
     image_folder: str = ""  # sft: where the conversations' image file names live

@@ -594,3 +594,32 @@ def test_accelerate_accumulating_another_number_is_refused(tiny_parts, tmp_path,
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
     conversations = write_conversations(tmp_path / "data")
     assert main(sft_args(tiny_parts, conversations, tmp_path / "run", "train.grad_accum=2")) == 2
+
+
+def test_a_raw_caption_prompt_places_the_image_inside_it_and_is_asked_the_same_way(
+    tiny, tiny_parts, colour_shards, tmp_path
+):
+    from PIL import Image
+
+    from mpm.inference import Request, generate
+    from mpm.processor import IGNORE_INDEX
+
+    model, processor = tiny(connector="resampler")
+    prompt = "User: <image> Describe the image. Assistant:"
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    encoded = processor.encode_raw(prompt, "A red picture.", [image])
+    asked = processor.encode_prompt(prompt, [image])  # what generation feeds: the same prefix
+    assert encoded.input_ids[: len(asked.input_ids)] == asked.input_ids
+    supervised = [t for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
+    assert supervised[-1] == processor.tokenizer.eos_token_id  # the answer, then the end token: generation stops
+    assert processor.tokenizer.decode(supervised[:-1]).strip() == "A red picture."
+    assert all(label == IGNORE_INDEX for label in encoded.labels[: len(asked.input_ids)])
+    assert isinstance(generate(model, processor, [Request(images=[image], prompt=prompt)], max_new_tokens=3)[0], str)
+
+    out = tmp_path / "raw"  # stage 1 with the raw prompt, through the recipe
+    args = ["train", "i2t", "--config", TINY, "--no-progress", *parts(tiny_parts), f"data.shards=[{colour_shards}]",
+            f"train.output_dir={out}", "train.max_steps=20", "train.log_every=10", "train.save_every=20",
+            f"data.caption_prompts=['{prompt}']"]  # fmt: skip
+    assert main(args) == 0
+    curve = losses(out)
+    assert len(curve) == 2 and curve[-1] < curve[0], curve
