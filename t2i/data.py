@@ -65,7 +65,8 @@ class PairImages(IterableDataset):
                 yield Skipped("undecodable sample")
                 continue
             key = sample["__key__"]
-            where = f"{self.seed}:{rank}:{worker}:{n}:{sample.get('__url__')}:{key}"
+            # not the shard's path: a run's choices must not depend on where its shards lie
+            where = f"{self.seed}:{rank}:{worker}:{n}:{key}"
             rng = random.Random(hashlib.md5(where.encode()).digest())
             dropped = rng.random() < self.caption_dropout
             states = None
