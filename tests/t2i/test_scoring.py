@@ -50,10 +50,9 @@ def make_clip_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=EOS)
 
 
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory) -> Path:
-    """A tiny random CLIP (hidden 32, 2 layers, 32 px, patch 8, projection 16) saved as a model folder."""
-    folder = tmp_path_factory.mktemp("tiny-clip")
+def save_tiny_clip(folder: Path) -> Path:
+    """A tiny random CLIP (hidden 32, 2 layers, 32 px, patch 8, projection 16) saved as a model folder (shared by
+    the scorer, paint and eval tests)."""
     tokenizer = make_clip_tokenizer()
     tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
@@ -67,6 +66,11 @@ def clip_folder(tmp_path_factory) -> Path:
     tokenizer.save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 @pytest.fixture(scope="module")

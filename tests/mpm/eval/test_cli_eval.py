@@ -93,25 +93,9 @@ def paint_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory) -> Path:
-    """A tiny random CLIP (hidden 32, 32 px, patch 8, projection 16) saved as a model folder."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from tests.t2i.test_scoring import save_tiny_clip
 
-    from tests.t2i.test_scoring import make_clip_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    tokenizer = make_clip_tokenizer()
-    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    config = CLIPConfig(
-        text_config={**tower, **ids, "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer)},
-        vision_config={**tower, "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 # -- paint ---------------------------------------------------------------------------------------------------------------
