@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ class Prompt:
     id: str
     prompt: str
     lang: str | None = None
+    extra: dict = field(default_factory=dict, compare=False)  # the line's other fields (an image judge reads them)
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:

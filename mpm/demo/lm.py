@@ -244,7 +244,8 @@ def train_tokenizer(
     """Train a SentencePiece BPE tokenizer in memory on the text mix, write `tokenizer.model` into `folder`,
     convert it to a `PreTrainedTokenizerFast` (ids checked against SentencePiece) and `save_pretrained` it there.
 
-    <pad>=0, <unk>=1, <s>=2, </s>=3. No BOS/EOS is added by encoding: a trainer adds them."""
+    <pad>=0, <unk>=1, <s>=2, </s>=3. Encoding adds `<s>` (what pretraining puts first, so a raw prompt that
+    `mpm train i2t` or `mpm.generate` tokenizes starts as every pretraining line did), never `</s>`."""
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
@@ -287,7 +288,7 @@ def train_tokenizer(
                 "eos_token": EOS,
                 "unk_token": UNK,
                 "pad_token": PAD,
-                "add_bos_token": False,
+                "add_bos_token": True,  # `<s>` first, as every pretraining line starts
                 "add_eos_token": False,
                 "legacy": True,
                 "add_prefix_space": False,

@@ -1,4 +1,4 @@
-"""Text-only pretraining of the `mpm demo` language model: a tiny multilingual Qwen2 trained on the robust
+"""Text-only pretraining of the `mpm demo` language model: a tiny multilingual Llama trained on the robust
 context-slot mix (`mpm.demo.lm.text_mix`, noised contexts) until it can restate an English context in every world
 language (the text oracle), then saved in Hugging Face format.
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from mpm.core.errors import UserError
 from mpm.demo import lm
-from mpm.demo.world import World
+from mpm.demo.world import ATTRIBUTES, World
 
 RESULT_FILE = "pretrain.json"
 ORACLE_SOURCE = "en"  # the oracle's contexts are English captions, restated in every language
@@ -40,7 +40,10 @@ class PretrainSettings:
     kv_heads: int = 4
     intermediate: int = 384
     max_positions: int = 128
-    tied_embeddings: bool = True
+    # untied: with tied embeddings the two size words ("small"/"big"), which fill the same slot in every line, stay
+    # too close for the LM to copy which one a context holds (the oracle sat at chance on size for 3000 steps);
+    # untied, a 3-language LM passes the gate in about 500 steps (docs/decisions.md)
+    tied_embeddings: bool = False
     lr: float = 3e-3
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.01
@@ -56,6 +59,7 @@ class PretrainSettings:
     seed: int = 0
     noise: bool = True  # sigma per sequence ~ U(0, noise_scale) * RMS of the context embeddings
     noise_scale: float = 1.0
+    context_loss: bool = False  # also predict the (noised, shuffled) context's own tokens: guessing, and slower
     vocab_size: int = 800  # tokenizer
     tokenizer_lines: int = 20_000
     threads: int | None = None  # torch.set_num_threads; None leaves it alone
@@ -139,10 +143,12 @@ def load_tokenizer(folder: str | Path) -> Any:
 
 
 def build_model(tokenizer: Any, settings: PretrainSettings) -> Any:
-    """A freshly initialised `Qwen2ForCausalLM` with the settings' shape and the tokenizer's vocabulary and ids."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """A freshly initialised `LlamaForCausalLM` with the settings' shape and the tokenizer's vocabulary and ids.
+    (Llama, not Qwen2: transformers picks the tokenizer class from the model type, and Qwen2's byte-level tokenizer
+    class would reload our SentencePiece tokenizer without its word-boundary marks.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = Qwen2Config(
+    config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=settings.hidden,
         num_hidden_layers=settings.layers,
@@ -155,7 +161,7 @@ def build_model(tokenizer: Any, settings: PretrainSettings) -> Any:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return Qwen2ForCausalLM(config)
+    return LlamaForCausalLM(config)
 
 
 def batches(world: World, langs: Sequence[str], tokenizer: Any, settings: PretrainSettings) -> Iterator[dict[str, Any]]:
@@ -185,8 +191,9 @@ def _same_run(record: dict[str, Any], langs: Sequence[str], settings: PretrainSe
         return {k: v for k, v in d.items() if k not in RUNTIME_ONLY}
 
     saved = record.get("settings")
+    finished = bool(record.get("passed")) or record.get("steps") == settings.max_steps  # a run that ended
     return (
-        bool(record.get("passed"))
+        finished
         and isinstance(saved, dict)
         and key(saved) == key(settings.to_json())
         and record.get("langs") == list(langs)
@@ -207,7 +214,7 @@ def _read_cache(folder: Path, langs: Sequence[str], settings: PretrainSettings) 
         folder=folder,
         steps=int(record["steps"]),
         oracle={k: float(v) for k, v in record["oracle"].items()},
-        passed=True,
+        passed=bool(record["passed"]),
         seconds=float(record["seconds"]),
         gate=float(record["settings"]["gate"]),
         langs=list(record["langs"]),
@@ -231,11 +238,12 @@ def pretrain_lm(
     settings: PretrainSettings | None = None,
     log: Callable[[str], Any] = print,
 ) -> PretrainResult:
-    """Train the tokenizer (unless `folder` has one) and a fresh Qwen2 LM on the robust text mix of `langs`,
+    """Train the tokenizer (unless `folder` has one) and a fresh Llama LM on the robust text mix of `langs`,
     probing the English-context oracle every `probe_every` steps and stopping once every language reaches the gate
     (or at `max_steps`). Saves model + tokenizer (`save_pretrained`) and `pretrain.json` to `folder`.
 
-    A `folder/pretrain.json` of a passed run with the same languages and settings is returned as is (`cached`)."""
+    A `folder/pretrain.json` of a run that ended (passed, or ran all its steps) with the same languages and
+    settings is returned as is (`cached`)."""
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
@@ -246,7 +254,9 @@ def pretrain_lm(
     folder = Path(folder)
     cached = _read_cache(folder, codes, settings)
     if cached is not None:
-        log(f"lm: {folder} already holds an LM that passed the text oracle ({_oracle_line(cached.oracle)}); reusing it")
+        verdict = "passed" if cached.passed else "did not pass"
+        log(f"lm: {folder} already holds this LM, which {verdict} the text oracle ({_oracle_line(cached.oracle)}); "
+            "reusing it")  # fmt: skip
         return cached
 
     start = time.monotonic()
@@ -284,7 +294,8 @@ def pretrain_lm(
     while step < settings.max_steps:
         batch = {k: v.to(device) for k, v in next(stream).items()}
         embeds = input_embeddings(model, batch, generator, settings.noise, settings.noise_scale)
-        out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+        labels = batch["labels"] if settings.context_loss else batch["labels"].masked_fill(batch["context_mask"], -100)
+        out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=labels)
         loss = out.loss
         if not torch.isfinite(loss):
             raise RuntimeError(f"lm pretraining: the loss is {loss.item()} at step {step + 1}")
@@ -300,13 +311,16 @@ def pretrain_lm(
             losses.append((step, mean))
             window = []
             model.eval()
-            oracle = {k: float(v) for k, v in lm.oracle_accuracy(generate, world, oracle_set).items()}
+            detail = lm.oracle_accuracy(generate, world, oracle_set, detail=True)
+            oracle = {k: float(v["all"]) for k, v in detail.items()}
+            weakest = min(ATTRIBUTES, key=lambda a: min(v[a] for v in detail.values()))
             model.train()
             passed = all(oracle.get(c, 0.0) >= settings.gate for c in codes)
             elapsed = time.monotonic() - start
             left = 0.0 if passed else elapsed / step * (settings.max_steps - step)
             log(
-                f"lm step {step}/{settings.max_steps}: loss {mean:.3f}, oracle {_oracle_line(oracle)}, "
+                f"lm step {step}/{settings.max_steps}: loss {mean:.3f}, oracle {_oracle_line(oracle)} (weakest "
+                f"attribute: {weakest} {min(v[weakest] for v in detail.values()):.2f}), "
                 f"{_duration(elapsed)} elapsed, {'gate passed' if passed else f'~{_duration(left)} left at most'}"
             )
             if passed:
@@ -314,6 +328,7 @@ def pretrain_lm(
     model.eval()
     model.save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
+    check_reload(folder, tok, [it.prompt for it in oracle_set[: 2 * len(codes)]])
     seconds = time.monotonic() - start
     record = {
         "langs": codes,
@@ -326,6 +341,21 @@ def pretrain_lm(
     }
     (folder / RESULT_FILE).write_text(json.dumps(record, indent=1, ensure_ascii=False), encoding="utf-8")
     return PretrainResult(folder, step, oracle, passed, seconds, settings.gate, codes, losses)
+
+
+def check_reload(folder: Path, tokenizer: Any, lines: Sequence[str]) -> None:
+    """The saved folder must give the same token ids through plain `AutoTokenizer.from_pretrained`, which is how
+    `mpm train i2t`, `mpm train t2i` and `mpm eval` load an LLM's tokenizer."""
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(str(folder))
+    for line in lines:
+        ours, theirs = tokenizer(line)["input_ids"], reloaded(line)["input_ids"]
+        if ours != theirs:
+            raise RuntimeError(
+                f"{folder}: the saved tokenizer reloads as {type(reloaded).__name__} and tokenizes {line!r} "
+                f"differently ({theirs} != {ours})"
+            )
 
 
 def _oracle_line(oracle: dict[str, float]) -> str:
@@ -342,8 +372,76 @@ def load_pretrained(folder: str | Path) -> tuple[Any, Any]:
     return model, tok
 
 
+# ---- which layer the text-to-image model reads (a text-only measurement) -----------------------------------------
+
+CONDITION_FILE = "conditioning.json"
+
+
+def cross_lingual_retrieval(
+    model: Any, tokenizer: Any, world: World, langs: Sequence[str], n: int = 100, seed: int = 4321
+) -> dict[int, float]:
+    """Per hidden layer (0 = the input embeddings), how often the mean-pooled state of an English caption is
+    nearest (cosine, after centring each language's states) to the caption of the same scene in another language,
+    among `n` scenes; averaged over the other languages of `langs`. Chance is 1/n. Text only: this is how the demo
+    picks the t2i conditioning layer without looking at any image drawn from a non-English prompt."""
+    import torch
+
+    others = [c for c in langs if c != ORACLE_SOURCE]
+    if not others:
+        raise ValueError("cross-lingual retrieval needs a language besides English")
+    scenes = [world.scene(i, seed) for i in range(n)]
+
+    def pooled(lang: str) -> list[Any]:
+        rng = np.random.default_rng([seed, 3])
+        texts = [world.caption(s, lang, rng) for s in scenes]
+        rows = [[*tokenizer.encode(t, add_special_tokens=False), tokenizer.eos_token_id] for t in texts]
+        width = max(len(r) for r in rows)
+        ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+        with torch.no_grad():
+            states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        m = mask.unsqueeze(-1).float()
+        out = []
+        for h in states:
+            v = (h.float() * m).sum(1) / m.sum(1)
+            v = v - v.mean(0, keepdim=True)
+            out.append(torch.nn.functional.normalize(v, dim=-1))
+        return out
+
+    english = pooled(ORACLE_SOURCE)
+    scores = {layer: 0.0 for layer in range(len(english))}
+    for lang in others:
+        theirs = pooled(lang)
+        for layer, (a, b) in enumerate(zip(english, theirs, strict=True)):
+            hits = (a @ b.T).argmax(dim=1) == torch.arange(n)
+            scores[layer] += hits.float().mean().item() / len(others)
+    return scores
+
+
+def condition_layer(folder: str | Path, world: World) -> dict[str, Any]:
+    """{"layer", "retrieval": {layer: score}} for the LM in `folder`: the layer with the best text-only
+    cross-lingual retrieval (the lowest on a tie), measured on the world's languages. Cached in
+    `folder/conditioning.json`."""
+    folder = Path(folder)
+    path = folder / CONDITION_FILE
+    if path.exists():
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("langs") == world.languages:
+            return record
+    model, tok = load_pretrained(folder)
+    scores = cross_lingual_retrieval(model, tok, world, world.languages)
+    best = max(scores, key=lambda layer: (round(scores[layer], 6), -layer))
+    record = {"layer": best, "retrieval": {str(k): round(v, 4) for k, v in scores.items()}, "langs": world.languages}
+    path.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    return record
+
+
 __all__ = [
     "GateFailed",
+    "condition_layer",
+    "cross_lingual_retrieval",
     "PretrainResult",
     "PretrainSettings",
     "check_gate",

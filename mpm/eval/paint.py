@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
+import mpm.demo.judge  # noqa: F401  registers world_judge (the miniature world of `mpm demo`)
 from mpm.core.errors import ConfigError, DataError, ModelLoadError, model_errors
 from mpm.core.images import open_image
 from mpm.eval.data import read_jsonl
@@ -53,7 +54,7 @@ COUNTS = ("images", "prompts", "missing_en")  # per-language counts, not metrics
 
 def read_parallel_prompts(path: str | Path) -> list[Prompt]:
     """Parallel prompts from a jsonl file, one `{"id", "lang", "prompt"}` per (id, lang): the same `id` in every
-    language it is written in. (t2i.paint.read_prompts reads one language's prompts, where ids are unique.)"""
+    language it is written in. Other fields of a line are kept in `Prompt.extra` and given to the image judges. (t2i.paint.read_prompts reads one language's prompts, where ids are unique.)"""
     prompts, seen = [], {}
     for number, row in read_jsonl(path):
         pid, lang, text = row.get("id"), row.get("lang"), row.get("prompt")
@@ -67,7 +68,8 @@ def read_parallel_prompts(path: str | Path) -> list[Prompt]:
         if key in seen:
             raise DataError(f"{path}:{number}: id {key[0]!r} in {lang!r} also appears on line {seen[key]}")
         seen[key] = number
-        prompts.append(Prompt(str(pid), text, lang))
+        extra = {k: v for k, v in row.items() if k not in ("id", "lang", "prompt")}  # e.g. the world's attributes
+        prompts.append(Prompt(str(pid), text, lang, extra))
     return prompts
 
 
@@ -193,10 +195,11 @@ def evaluate_paint(
     # -- 5. judges -------------------------------------------------------------------------------------------------------
     judged: dict[str, dict[str, float]] = defaultdict(dict)
     judge_details: dict[str, dict] = {}
+    extras = {(p.id, p.lang): p.extra for p in prompts}  # the prompt line's other fields go to the judges too
     for judge in judges:
         details = {}
         for lang in langs:
-            items = [{"id": r["id"], "lang": lang, "prompt": r["prompt"], "index": r["index"],
+            items = [{**extras.get((r["id"], lang), {}), "id": r["id"], "lang": lang, "prompt": r["prompt"], "index": r["index"],
                       "image": str(out_dir / r["image"]), **({"prompt_en": english[r["id"]]} if r["id"] in english else {})}
                      for r in rows_of[lang]]  # fmt: skip
             images = [open_image(out_dir / r["image"]) for r in rows_of[lang]]

@@ -73,7 +73,7 @@ def test_tiny_run_trains_and_saves(run):
     assert record["steps"] == 30 and record["langs"] == LANGS and set(record["oracle"]) == set(LANGS)
     assert record["settings"]["hidden"] == 32 and record["passed"] == result.passed
     model, tok = load_pretrained(folder)
-    assert model.config.hidden_size == 32 and model.config.tie_word_embeddings
+    assert model.config.hidden_size == 32 and not model.config.tie_word_embeddings
     assert model.config.vocab_size == len(tok)
     assert model.config.pad_token_id == tok.pad_token_id == 0
     import sentencepiece as spm
@@ -110,7 +110,13 @@ def test_passed_run_is_reused(world, run, tmp_path):
         record_path.write_text(original, encoding="utf-8")
     from mpm.demo.pretrain import _read_cache
 
-    assert _read_cache(Path(folder), LANGS, tiny_settings()) is None  # a failed run is not a cache
+    ended = _read_cache(Path(folder), LANGS, tiny_settings())  # a run that used all its steps is final too
+    assert ended is not None and not ended.passed and ended.steps == 30
+    interrupted = json.loads(original)
+    interrupted["steps"] = 20  # a record of a run stopped before its last step (and not passed) is not a cache
+    record_path.write_text(json.dumps(interrupted), encoding="utf-8")
+    assert _read_cache(Path(folder), LANGS, tiny_settings()) is None
+    record_path.write_text(original, encoding="utf-8")
 
 
 def test_noise_touches_only_context_positions():
