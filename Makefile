@@ -1,5 +1,5 @@
 # The two quickstart commands (README): `make quickstart` and `make test`.
-.PHONY: setup quickstart test test-slow lint bench
+.PHONY: setup quickstart quickstart-data test test-slow lint bench
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -8,9 +8,13 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 
-# Until `mpm demo` exists: synthesise a small pair set (with deliberately bad rows) and shard it, then build
-# UniMM-Chat dialogues from synthetic annotation files in the official schemas.
+# The main job on the embedded default: the miniature world, end to end (README: `mpm demo`). Rerunning continues
+# where an interrupted run stopped.
 quickstart: setup
+	$(BIN)/mpm demo --output runs/demo
+
+# What `make quickstart` ran before the demo: a synthetic pair set sharded, UniMM-Chat dialogues built.
+quickstart-data: setup
 	$(BIN)/mpm data synth --output runs/quickstart/pairs --num-samples 300
 	$(BIN)/mpm data shard --config configs/data/quickstart.yaml
 	$(BIN)/mpm unimm synth --output runs/quickstart/annotations --num-images 200
@@ -35,3 +39,4 @@ bench: setup
 	$(BIN)/python benchmarks/bench_stage1.py
 	$(BIN)/python benchmarks/bench_t2i.py
 	$(BIN)/python benchmarks/bench_eval.py
+	$(BIN)/python benchmarks/bench_demo.py

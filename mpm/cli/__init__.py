@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mpm-toolkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (INFO level)")
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{demo,data,unimm,train,chat,paint,eval,export}")
+    groups = parser.add_subparsers(
+        dest="group", required=True, metavar="{demo,data,unimm,train,chat,paint,eval,export}"
+    )
     for group in GROUPS:
         group.register(groups)
     return parser

@@ -11,7 +11,7 @@ FLAGS = [
     Flag("--seeds", "seeds", int, "runs with seeds SEED..SEED+N-1; the table shows mean and spread (default: 1)"),
     Flag("--seed", "seed", int, "the first seed (default: 0)"),
     Flag("--native", "native", "list", "languages with a native upper bound (trained on their pairs): 'all', "
-         "'none' or codes (default: zh)"),
+         "'none' or codes (default: zh; with --quick: none)"),
     Flag("--no-control", "control", "const", "skip the English-only-LM control", const=False),
     Flag("--no-t2i", "t2i", "const", "skip text-to-image", const=False),
     Flag("--world", "world", str, "a folder of world files (default: configs/world)"),
@@ -20,14 +20,16 @@ FLAGS = [
     Flag("--t2i-steps", "t2i_steps", int, "text-to-image training steps"),
     Flag("--train-images", "train_images", int, "rendered training scenes per seed"),
     Flag("--eval-images", "eval_images", int, "held-out scenes (each asked in every language)"),
+    Flag("--paint-prompts", "paint_prompts", int, "held-out scenes drawn from their prompt in every language"),
     Flag("--threads", "threads", int, "torch threads"),
 ]  # fmt: skip
 
 
 def demo_command(cfg, args) -> int:
+    from mpm.cli import main
     from mpm.demo.run import run_demo
 
-    run_demo(cfg, show_progress=not args.no_progress)
+    run_demo(cfg, show_progress=not args.no_progress, runner=main)  # each stage's command runs in this process
     return 0
 
 

@@ -114,6 +114,14 @@ def _other(rng: Any, langs: Sequence[str], lang: str) -> str:
     return _choice(rng, others) if others else lang
 
 
+def image_prompt(world: World, lang: str) -> str:
+    """The raw prompt that asks for a caption of an image in `lang`: the image where text contexts sat in
+    pretraining. `<ctx><image> </ctx> INSTR_L:` tokenizes as `<ctx>` [image] `▁` `</ctx>` ..., exactly how a text
+    context `<ctx> a small red circle on the left </ctx>` tokenizes around its words. Training (`mpm train i2t`'s
+    caption_prompts) and evaluation (`mpm eval`'s prompt table) both use this one."""
+    return f"{CTX_OPEN}{IMAGE} {CTX_CLOSE} {world.instruction(lang)}"
+
+
 def context_prompt(world: World, context: str, lang: str) -> tuple[str, tuple[int, int]]:
     """`<ctx> X </ctx> INSTR_L:` and the character span of X in it."""
     head = f"{CTX_OPEN} "

@@ -27,6 +27,7 @@ from mpm.demo import lm
 from mpm.demo.world import ATTRIBUTES, World
 
 RESULT_FILE = "pretrain.json"
+CONDITION_FILE = "conditioning.json"  # the t2i layer chosen for this LM (condition_layer)
 ORACLE_SOURCE = "en"  # the oracle's contexts are English captions, restated in every language
 
 
@@ -263,6 +264,10 @@ def pretrain_lm(
     if settings.threads:
         torch.set_num_threads(settings.threads)
     folder.mkdir(parents=True, exist_ok=True)
+    # not this run's (other languages or settings, or interrupted): nothing of it may be reused, the tokenizer and
+    # the t2i layer choice included; the record goes first, so a folder without it is never taken as done
+    for name in (RESULT_FILE, CONDITION_FILE, "tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink(missing_ok=True)
     tok = load_or_train_tokenizer(world, codes, folder, settings)
     torch.manual_seed(settings.seed)
     device = torch.device(settings.device)
@@ -374,8 +379,6 @@ def load_pretrained(folder: str | Path) -> tuple[Any, Any]:
 
 # ---- which layer the text-to-image model reads (a text-only measurement) -----------------------------------------
 
-CONDITION_FILE = "conditioning.json"
-
 
 def cross_lingual_retrieval(
     model: Any, tokenizer: Any, world: World, langs: Sequence[str], n: int = 100, seed: int = 4321
@@ -428,7 +431,7 @@ def condition_layer(folder: str | Path, world: World) -> dict[str, Any]:
     path = folder / CONDITION_FILE
     if path.exists():
         record = json.loads(path.read_text(encoding="utf-8"))
-        if record.get("langs") == world.languages:
+        if record.get("langs") == world.languages:  # pretrain_lm deletes this file when it trains the LM again
             return record
     model, tok = load_pretrained(folder)
     scores = cross_lingual_retrieval(model, tok, world, world.languages)

@@ -37,10 +37,11 @@ def _lang_values(results: dict | None, lang: str, key: str) -> float | None:
 def seed_results(demo: Any, seed: int) -> dict:
     """One seed's numbers: {lang: {cell: value}} plus the LMs' oracle and steps."""
     r = demo.seed_run(seed)
-    i2t = _read(r.eval / "i2t" / "results.json")
-    i2t_en = _read(r.eval / "i2t_en" / "results.json")
-    t2i = _read(r.eval / "t2i" / "results.json")
-    t2i_en = _read(r.eval / "t2i_en" / "results.json")
+    control, t2i_control = demo.cfg.control, demo.cfg.control and demo.cfg.t2i and demo.sizes.t2i_control
+    i2t = _read(r.eval / "i2t" / "results.json")  # only what this run's plan made: never an earlier run's leftovers
+    i2t_en = _read(r.eval / "i2t_en" / "results.json") if control else None
+    t2i = _read(r.eval / "t2i" / "results.json") if demo.cfg.t2i else None
+    t2i_en = _read(r.eval / "t2i_en" / "results.json") if t2i_control else None
     langs: dict[str, dict[str, float | None]] = {}
     for lang in demo.langs:
         row = {
@@ -53,7 +54,7 @@ def seed_results(demo: Any, seed: int) -> dict:
             **{f"t2i_{a}": _lang_values(t2i, lang, f"world_{a}") for a in ATTRIBUTES},
             "t2i_control_all": _lang_values(t2i_en, lang, "world_all"),
         }
-        native = _read(r.eval / f"i2t_native_{lang}" / "results.json")
+        native = _read(r.eval / f"i2t_native_{lang}" / "results.json") if lang in demo.natives else None
         row["i2t_native_all"] = _lang_values(native, lang, "world_all")
         langs[lang] = row
     en = langs["en"]
@@ -102,7 +103,7 @@ def collect(demo: Any) -> dict:
         "judge": {k: judge.get(k) for k in ("accuracy", "resolution", "seconds") if k in judge},
         "table": table,
         "per_seed": seeds,
-        "timings": getattr(demo, "timings", {}),
+        "seconds_this_invocation": getattr(demo, "timings", {}),  # per stage; a cached stage takes ~0 s
     }
 
 

@@ -18,15 +18,19 @@ is known, so the transfer is measured exactly. Per seed, under DIR/seed<N>/:
 
 and, shared by every seed: DIR/judge/ (`mpm demo judge`, the classifier that scores the t2i images) and DIR/eval/
 (the held-out renders as an `mpm eval` data file). The results are DIR/results.json, results.md, results.png and
-grid.png. Each `mpm` command is run in this process exactly as a user would type it (its config file is written
-under DIR/seed<N>/configs/ and the command printed), so the demo proves the toolkit rather than a copy of it.
+grid.png. Each `mpm` command is run exactly as a user would type it (its config file is written under
+DIR/seed<N>/configs/ and the command printed), so the demo proves the toolkit rather than a copy of it: by the
+runner it is given (`mpm demo` gives the CLI's own `main`, in this process; the default is a child process, since
+nothing below the CLI imports it).
 Every stage is cached: a rerun, or a run that was interrupted, continues where it stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -38,13 +42,15 @@ import yaml
 
 from mpm.core.errors import ConfigError, UserError
 from mpm.demo import lm, pretrain
+from mpm.demo.scoring import MANIFEST as EVAL_MANIFEST
 from mpm.demo.world import World, load_world
 
 STAGES = ("all", "render", "pretrain-lm", "judge")
+STAMP = ".demo_stamp"  # in a stage's output: the digest of the settings and inputs it was made from
 QUICK_LANGS = ("en", "zh", "de")
+LM_STEPS_EXPECTED = 1000  # the gate passed after 500 (3 languages) and 750 (6) steps in the measured runs
 CONTROL_LM_STEPS = 1000  # the English-only control LM's most steps (it stops earlier once its English oracle passes)
 TRAIN_SEED_BASE = 100  # training scenes of seed N are the stream world.scene(i, TRAIN_SEED_BASE + N)
-RAW_PROMPT = lm.CTX_OPEN + lm.IMAGE + " " + lm.CTX_CLOSE + " {instruction}"  # the image where contexts sat
 IMAGE_SIZE = 64  # renders the image-to-text model reads
 PAINT_SIZE = 32  # what the text-to-image model draws (and the judge reads)
 # A pixel-space UNet for 32x32 scenes: attention (self and cross, the prompt's way in) only at the 8x8 level, where a
@@ -64,13 +70,17 @@ UNET_CONFIG = {
     "norm_num_groups": 8,
 }
 
-# Pixel space wants a cosine noise schedule (Stable Diffusion's scaled-linear one is made for latents), and 20-step
-# sampling wants DPM-Solver++ rather than DDPM. Training reads only the betas, so the same file serves both.
+# Pixel space wants a cosine noise schedule (Stable Diffusion's scaled-linear one is made for latents) and samples
+# clipped to [-1, 1]; 20-step DDIM from the last timestep ("trailing"). Without the clipping, DDIM and DPM-Solver++
+# left pixel noise that the judge read as nothing (0.00 vs 0.25 all-correct on the same quick-run model). Training
+# reads only the betas, so the same file serves both.
 SCHEDULER_CONFIG = {
-    "_class_name": "DPMSolverMultistepScheduler",
+    "_class_name": "DDIMScheduler",
     "num_train_timesteps": 1000,
     "beta_schedule": "squaredcos_cap_v2",
     "prediction_type": "epsilon",
+    "clip_sample": True,
+    "timestep_spacing": "trailing",
 }
 
 
@@ -83,14 +93,16 @@ class Sizes:
     paint_prompts: int  # held-out scenes drawn by the t2i model, from the prompt in every language
     lm_steps: int  # the most text-pretraining steps (it stops at the gate)
     i2t_steps: int
-    control_i2t_steps: int
+    control_i2t_steps: int  # the English-only-LM control only has to show that non-English collapses
     t2i_steps: int
+    control_t2i_steps: int
     judge_scenes: int
+    t2i_control: bool  # the quick run leaves the t2i control out (its time goes to the i2t control)
 
 
 PRESETS = {
-    "full": Sizes(8000, 300, 60, 3000, 1500, 800, 2000, 6000),
-    "quick": Sizes(3000, 60, 24, 1500, 500, 300, 400, 4000),
+    "full": Sizes(8000, 300, 60, 3000, 1500, 600, 1000, 300, 6000, True),
+    "quick": Sizes(2000, 60, 24, 1500, 400, 150, 150, 100, 4000, False),
 }
 
 
@@ -102,7 +114,7 @@ class DemoConfig:
     langs: list[str] = field(default_factory=list)  # world languages (default: all; quick: en, zh, de)
     seeds: int = 1  # runs with seeds seed .. seed+seeds-1; the table shows their mean and spread
     seed: int = 0
-    native: list[str] = field(default_factory=lambda: ["zh"])  # native upper bound languages; "all"; [] for none
+    native: list[str] | None = None  # native upper bound: codes, "all" or "none" (default: zh; quick: none)
     control: bool = True  # the English-only-LM control (i2t and t2i)
     t2i: bool = True
     world: str | None = None  # a folder of world files (default: configs/world)
@@ -130,6 +142,8 @@ class DemoConfig:
                                                "i2t_steps", "t2i_steps") if getattr(self, k)}  # fmt: skip
         if "i2t_steps" in given:
             given["control_i2t_steps"] = min(base.control_i2t_steps, given["i2t_steps"])
+        if "t2i_steps" in given:
+            given["control_t2i_steps"] = min(base.control_t2i_steps, given["t2i_steps"])
         return replace(base, **given)
 
 
@@ -137,10 +151,10 @@ class DemoConfig:
 
 # Seconds per unit on 2 CPU cores (measured; BENCHMARKS.md): what the budget printed at the start is made of.
 SECONDS = {
-    "lm_step_per_lang": 0.025,  # a text-pretraining step grows with the languages (longer prompts, a bigger vocab)
-    "lm_step": 0.06,
-    "i2t_step": 0.12,
-    "t2i_step": 0.15,
+    "lm_step_per_lang": 0.012,  # a text-pretraining step grows with the languages (longer prompts, a bigger vocab)
+    "lm_step": 0.045,
+    "i2t_step": 0.13,
+    "t2i_step": 0.35,
     "caption": 0.02,  # one generated caption
     "paint": 0.05,  # one generated image
     "render": 0.002,
@@ -200,12 +214,22 @@ def mpm_command(*words: str) -> str:
     return "mpm " + " ".join(shlex.quote(w) for w in words)
 
 
-def run_mpm(words: Sequence[str], show_progress: bool) -> None:
-    """`mpm WORDS` in this process (mpm.cli.main), as typed; a failure stops the demo naming the command."""
-    from mpm.cli import main
+Runner = Callable[[list[str]], int]  # runs `mpm ARGV`, returns the exit status
 
+
+def subprocess_runner(argv: list[str]) -> int:
+    """`python -m mpm.cli ARGV` in a child process. `mpm demo` passes the CLI's own `main` instead, which runs the
+    command in this process (the same code, without a start-up per stage); nothing below the CLI imports it."""
+    import subprocess
+    import sys
+
+    return subprocess.call([sys.executable, "-m", "mpm.cli", *argv])
+
+
+def run_mpm(words: Sequence[str], show_progress: bool, runner: Runner = subprocess_runner) -> None:
+    """`mpm WORDS`, as typed; a failure stops the demo naming the command."""
     argv = [*words, *([] if show_progress else ["--no-progress"])]
-    status = main(argv)
+    status = runner(argv)
     if status != 0:
         raise UserError(f"`{mpm_command(*words)}` failed (exit status {status}); fix what it says and rerun the demo")
 
@@ -217,11 +241,14 @@ def render_training_set(world: World, langs: Sequence[str], folder: Path, n: int
     """`n` scenes of the stream for training seed `seed` as PNGs, each with a json sidecar holding its caption in
     every language (`caption_<lang>`), what `mpm data shard` reads from a folder. A complete folder is kept."""
     done = folder / "render.json"
-    settings = {"n": n, "seed": seed, "langs": list(langs), "size": IMAGE_SIZE}
+    settings = {"n": n, "seed": seed, "langs": list(langs), "size": IMAGE_SIZE, "world": world_digest(world)}
     if done.exists() and json.loads(done.read_text(encoding="utf-8")) == settings:
         return folder
+    done.unlink(missing_ok=True)  # written last: a folder without it is incomplete
     images = folder / "images"
-    images.mkdir(parents=True, exist_ok=True)
+    if images.exists():
+        shutil.rmtree(images)  # nothing of another render may stay
+    images.mkdir(parents=True)
     stream = TRAIN_SEED_BASE + seed
     for i in range(n):
         scene = world.scene(i, stream)
@@ -232,6 +259,22 @@ def render_training_set(world: World, langs: Sequence[str], folder: Path, n: int
         (images / f"{i:06d}.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
     done.write_text(json.dumps(settings), encoding="utf-8")
     return folder
+
+
+def world_digest(world: World) -> str:
+    """What the world files say, for cache keys: a change in a lexicon re-renders and retrains."""
+    files = {c: {k: v for k, v in vars(world.langs[c]).items() if k != "path"} for c in world.languages}
+    text = json.dumps(files, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def stamp_of(config: dict, inputs: Sequence[Path]) -> str:
+    """A digest of a stage's settings and of the files that identify its inputs (their stamps and manifests)."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode("utf-8"))
+    for path in inputs:
+        h.update(str(path).encode("utf-8"))
+        h.update(path.read_bytes() if path.is_file() else b"<missing>")
+    return h.hexdigest()
 
 
 def shard_config(images: Path, out: Path, lang: str, n: int) -> dict:
@@ -295,16 +338,12 @@ def i2t_config(llm: Path, vision: Path, shards: Path, out: Path, lang: str, step
         },  # fmt: skip
         "data": {
             "shards": [str(shards)],
-            "caption_prompts": [raw_prompt(world, lang)],
+            "caption_prompts": [lm.image_prompt(world, lang)],
             "shuffle_buffer": 2000,
             "max_length": 64,
             "num_workers": 0,
         },  # fmt: skip
     }
-
-
-def raw_prompt(world: World, lang: str) -> str:
-    return RAW_PROMPT.format(instruction=world.instruction(lang))
 
 
 def t2i_config(llm: Path, shards: Path, out: Path, steps: int, seed: int, layer: int, unet: Path, scheduler: Path,
@@ -343,14 +382,6 @@ def t2i_config(llm: Path, shards: Path, out: Path, steps: int, seed: int, layer:
     }
 
 
-def finished(run: Path) -> bool:
-    return (run / "final").is_dir() and any((run / "final").iterdir())
-
-
-def has_results(folder: Path) -> bool:
-    return (folder / "results.json").is_file()
-
-
 # ---- the demo ----------------------------------------------------------------------------------------------------
 
 
@@ -368,10 +399,16 @@ class SeedRun:
 
 
 class Demo:
-    def __init__(self, cfg: DemoConfig, log: Callable[[str], Any] = print, show_progress: bool = True):
+    def __init__(
+        self,
+        cfg: DemoConfig,
+        log: Callable[[str], Any] = print,
+        show_progress: bool = True,
+        runner: Runner = subprocess_runner,
+    ):
         if not cfg.output:
             raise ConfigError("give --output DIR (the demo's folder: every stage caches under it)")
-        self.cfg, self.log, self.show_progress = cfg, log, show_progress
+        self.cfg, self.log, self.show_progress, self.runner = cfg, log, show_progress, runner
         self.sizes = cfg.sizes()
         all_langs = load_world(None, cfg.world).languages
         langs = list(cfg.langs) or (list(QUICK_LANGS) if cfg.quick else all_langs)
@@ -379,16 +416,40 @@ class Demo:
         if unknown:
             raise ConfigError(f"--langs {unknown}: no world file for them (add configs/world/<lang>.yaml); "
                               f"known: {', '.join(all_langs)}")  # fmt: skip
-        if "en" not in langs:
-            raise ConfigError("--langs must include en: it is the pivot the images are described in for training")
-        self.langs = ["en", *[c for c in langs if c != "en"]]
+        if "en" not in langs or len(set(langs)) < 2:
+            raise ConfigError(f"--langs {','.join(langs)}: give en (the pivot the training images are described in) "
+                              "and at least one other world language")  # fmt: skip
+        self.langs = ["en", *[c for c in all_langs if c in langs and c != "en"]]  # the world's order: one cache key
         self.world = load_world(self.langs, cfg.world)
-        natives = {"all": self.langs[1:], "none": []}.get(",".join(cfg.native), list(cfg.native))
-        self.natives = [c for c in natives if c in self.langs and c != "en"]
+        native = cfg.native if cfg.native is not None else ([] if cfg.quick else ["zh"])
+        self.natives = {"all": self.langs[1:], "none": []}.get(",".join(native), list(native))
+        wrong = [c for c in self.natives if c not in self.langs[1:]]
+        if wrong:
+            raise ConfigError(f"--native {','.join(wrong)}: a native upper bound needs a language of --langs other "
+                              f"than en ({','.join(self.langs[1:])}), or 'all' / 'none'")  # fmt: skip
         self.dir = Path(cfg.output)
         self.seeds = [cfg.seed + k for k in range(cfg.seeds)]
 
     # -- paths and settings --
+    def demo_command(self, stage: str, seed: int | None = None) -> str:
+        """`mpm demo STAGE` with this run's settings: what reruns one stage by hand."""
+        c, default = self.cfg, DemoConfig()
+        words = ["demo", stage, "--output", str(self.dir)]
+        if seed is not None:
+            words += ["--seed", str(seed)]
+        if c.quick:
+            words.append("--quick")
+        if c.langs:
+            words += ["--langs", ",".join(self.langs)]
+        if c.world:
+            words += ["--world", c.world]
+        for name in ("train_images", "eval_images", "paint_prompts", "lm_steps", "i2t_steps", "t2i_steps", "threads"):
+            if getattr(c, name) != getattr(default, name):
+                words += [f"--{name.replace('_', '-')}", str(getattr(c, name))]
+        if not c.control:
+            words.append("--no-control")
+        return mpm_command(*words)
+
     def seed_run(self, seed: int) -> SeedRun:
         return SeedRun(self.dir / f"seed{seed}", seed)
 
@@ -430,8 +491,7 @@ class Demo:
                                  train_scenes=self.sizes.judge_scenes, log=self._indent)  # fmt: skip
             self.log(f"  judge: {_accuracy_line(result.accuracy)} on held-out renders ({self.judge_dir})")
 
-        return Step("judge: a classifier of rendered scenes", SECONDS["judge"], go,
-                    f"mpm demo judge --output {self.dir}")  # fmt: skip
+        return Step("judge: a classifier of rendered scenes", SECONDS["judge"], go, self.demo_command("judge"))
 
     def render_step(self, r: SeedRun) -> Step:
         from mpm.demo.scoring import write_eval_set
@@ -445,14 +505,14 @@ class Demo:
             self.log(f"  {n} training scenes in {r.world}; held-out set in {self.eval_dir}")
 
         budget = SECONDS["render"] * (n + self.sizes.eval_images) * 2
-        return Step(f"render (seed {r.seed})", budget, go,
-                    f"mpm demo render --output {self.dir} --seed {r.seed}")  # fmt: skip
+        return Step(f"render (seed {r.seed})", budget, go, self.demo_command("render", r.seed))
 
     def lm_steps(self, r: SeedRun) -> list[Step]:
         out = []
         for langs, folder, label in self._lms(r):
             settings = self.lm_settings(langs, r.seed)
-            budget = settings.max_steps * (SECONDS["lm_step"] + SECONDS["lm_step_per_lang"] * len(langs)) * 0.6
+            expected = min(settings.max_steps, LM_STEPS_EXPECTED)  # it stops at the gate
+            budget = expected * (SECONDS["lm_step"] + SECONDS["lm_step_per_lang"] * len(langs))
 
             def go(langs=langs, folder=folder, settings=settings, control=label != "multilingual"):
                 world = load_world(langs, self.cfg.world)
@@ -463,9 +523,8 @@ class Demo:
                 pretrain.check_gate(result)
                 self.log(f"  text oracle passed after {result.steps} steps: {_accuracy_line(result.oracle)}")
 
-            langs_flag = "" if label == "multilingual" else " --langs en"
             out.append(Step(f"pretrain-lm: {label} LM, text only (seed {r.seed})", budget, go,
-                            f"mpm demo pretrain-lm --output {self.dir} --seed {r.seed}{langs_flag}"))  # fmt: skip
+                            self.demo_command("pretrain-lm", r.seed)))  # fmt: skip
         return out
 
     def _lms(self, r: SeedRun) -> list[tuple[list[str], Path, str]]:
@@ -489,12 +548,31 @@ class Demo:
             steps.append(self.i2t_step(r, r.lm, c, run, s.i2t_steps, f"i2t native upper bound ({c} pairs)"))
             steps.append(self.caption_eval_step(r, run, f"i2t_native_{c}", [c]))
         if self.cfg.t2i:
-            steps.append(self.t2i_step(r, r.lm, r.t2i, "t2i (English pairs, LM frozen)"))
+            steps.append(self.t2i_step(r, r.lm, r.t2i, s.t2i_steps, "t2i (English pairs, LM frozen)"))
             steps.append(self.paint_eval_step(r, r.t2i, "t2i"))
-            if self.cfg.control:
-                steps.append(self.t2i_step(r, r.lm_en, r.t2i_en, "t2i control (English-only LM)"))
+            if self.cfg.control and s.t2i_control:
+                steps.append(self.t2i_step(r, r.lm_en, r.t2i_en, s.control_t2i_steps, "t2i control (English-only LM)"))
                 steps.append(self.paint_eval_step(r, r.t2i_en, "t2i_en"))
         return steps
+
+    def run_stage(self, out: Path, path: Path, config: dict, words: list[str], inputs: Sequence[Path]) -> None:
+        """`mpm WORDS` with `config` written to `path`, unless `out` was made from these settings and inputs (its
+        stamp says so). Output made from other settings or inputs is deleted first, so nothing stale survives; a
+        run interrupted with the same settings is continued by the command itself (training resumes from its
+        last checkpoint). The stamp is written last."""
+        key = stamp_of(config, inputs)
+        stamp = out / STAMP
+        if stamp.is_file() and stamp.read_text(encoding="utf-8") == key:
+            self.log(f"  {out}: already made from these settings and inputs, skipped")
+            return
+        text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+        previous = path.read_text(encoding="utf-8") if path.is_file() else None
+        if out.exists() and (stamp.is_file() or previous != text):
+            self.log(f"  {out}: made from other settings or inputs, made again")
+            shutil.rmtree(out)
+        write_config(path, config)
+        run_mpm(words, self.show_progress, self.runner)
+        stamp.write_text(key, encoding="utf-8")
 
     def shard_step(self, r: SeedRun, lang: str) -> Step:
         out = r.shards / lang
@@ -502,8 +580,8 @@ class Demo:
         words = ["data", "shard", "--config", str(path)]
 
         def go():
-            write_config(path, shard_config(r.world / "images", out, lang, self.sizes.train_images))
-            run_mpm(words, self.show_progress)
+            config = shard_config(r.world / "images", out, lang, self.sizes.train_images)
+            self.run_stage(out, path, config, words, [r.world / "render.json"])
 
         return Step(f"shard {lang} captions (seed {r.seed})", 0.004 * self.sizes.train_images + 5, go,
                     mpm_command(*words))  # fmt: skip
@@ -513,13 +591,10 @@ class Demo:
         words = ["train", "i2t", "--config", str(path)]
 
         def go():
-            if finished(out):
-                self.log(f"  {out}/final exists: skipped")
-                return
             vision = save_vision_tower(r.vision, r.seed)
             config = i2t_config(llm, vision, r.shards / lang, out, lang, steps, r.seed, self.world)
-            write_config(path, config)
-            run_mpm(words, self.show_progress)
+            inputs = [llm / pretrain.RESULT_FILE, r.shards / lang / STAMP, vision / "config.json"]
+            self.run_stage(out, path, config, words, inputs)
 
         return Step(f"{label} (seed {r.seed})", steps * SECONDS["i2t_step"], go, mpm_command(*words))
 
@@ -529,43 +604,37 @@ class Demo:
         words = ["eval", "caption", "--config", str(path)]
 
         def go():
-            if has_results(out):
-                self.log(f"  {out}/results.json exists: skipped")
-                return
-            write_config(path, {
+            config = {
                 "model": str(run / "final"), "data": str(self.eval_dir / "captions.jsonl"),
                 "images": str(self.eval_dir / "images"), "langs": list(langs),
                 "prompts": str(self.eval_dir / "prompts.yaml"), "output": str(out),
                 "metrics": ["world_attributes"], "batch_size": 64, "max_new_tokens": 24, "device": "cpu",
-            })  # fmt: skip
-            run_mpm(words, self.show_progress)
+            }  # fmt: skip
+            self.run_stage(out, path, config, words, [run / STAMP, self.eval_dir / EVAL_MANIFEST])
 
         budget = SECONDS["caption"] * self.sizes.eval_images * len(langs)
         return Step(f"eval {name}: captions in {', '.join(langs)} (seed {r.seed})", budget, go, mpm_command(*words))
 
-    def t2i_step(self, r: SeedRun, llm: Path, out: Path, label: str) -> Step:
+    def t2i_step(self, r: SeedRun, llm: Path, out: Path, steps: int, label: str) -> Step:
         path = r.configs / f"{out.name}.yaml"
         words = ["train", "t2i", "--config", str(path)]
-        steps = self.sizes.t2i_steps
 
         def go():
-            if finished(out):
-                self.log(f"  {out}/final exists: skipped")
-                return
             layer = self.condition_layer(llm)
             unet = write_json(r.configs / "unet_32px.json", UNET_CONFIG)
             scheduler = write_json(r.configs / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG).parent
             scene = self.world.scene(0, TRAIN_SEED_BASE + r.seed)
             prompts = [self.world.caption(scene, c, np.random.default_rng(0)) for c in self.langs]
-            write_config(path, t2i_config(llm, r.shards / "en", out, steps, r.seed, layer, unet, scheduler, prompts))
-            run_mpm(words, self.show_progress)
+            config = t2i_config(llm, r.shards / "en", out, steps, r.seed, layer, unet, scheduler, prompts)
+            inputs = [llm / pretrain.RESULT_FILE, r.shards / "en" / STAMP, unet, scheduler / "scheduler_config.json"]
+            self.run_stage(out, path, config, words, inputs)
 
         return Step(f"{label} (seed {r.seed})", steps * SECONDS["t2i_step"], go, mpm_command(*words))
 
     def condition_layer(self, llm: Path) -> int:
         """The LM layer the UNet reads, chosen by a text-only measurement (lm.cross_lingual_retrieval): never by
         looking at images drawn from non-English prompts."""
-        choice = pretrain.condition_layer(llm, load_world(None, self.cfg.world))
+        choice = pretrain.condition_layer(llm, self.world)  # the demo's languages, for the control LM too
         self.log(f"  t2i conditioning: LM layer {choice['layer']} (text-only cross-lingual retrieval per layer: "
                  f"{', '.join(f'{k}: {v:.2f}' for k, v in choice['retrieval'].items())})")  # fmt: skip
         return int(choice["layer"])
@@ -576,17 +645,15 @@ class Demo:
         words = ["eval", "paint", "--config", str(path)]
 
         def go():
-            if has_results(out):
-                self.log(f"  {out}/results.json exists: skipped")
-                return
-            write_config(path, {
+            config = {
                 "model": str(run / "final"), "prompts": str(self.eval_dir / "paint_prompts.jsonl"),
                 "langs": list(self.langs), "metrics": ["world_judge"],
                 "metric_options": {"world_judge": {"model": str(self.judge_dir)}},
                 "num_images": 1, "seed": 0, "steps": 20, "guidance": 3.0, "size": str(PAINT_SIZE),
                 "batch_size": 32, "output": str(out), "device": "cpu",
-            })  # fmt: skip
-            run_mpm(words, self.show_progress)
+            }  # fmt: skip
+            inputs = [run / STAMP, self.eval_dir / EVAL_MANIFEST, self.judge_dir / "judge.json"]
+            self.run_stage(out, path, config, words, inputs)
 
         budget = SECONDS["paint"] * self.sizes.paint_prompts * len(self.langs)
         return Step(f"eval {name}: paint from prompts in {', '.join(self.langs)} (seed {r.seed})", budget, go,
@@ -633,8 +700,10 @@ def _accuracy_line(values: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in values.items())
 
 
-def run_demo(cfg: DemoConfig, log: Callable[[str], Any] = print, show_progress: bool = True) -> Path:
-    demo = Demo(cfg, log, show_progress)
+def run_demo(
+    cfg: DemoConfig, log: Callable[[str], Any] = print, show_progress: bool = True, runner: Runner = subprocess_runner
+) -> Path:
+    demo = Demo(cfg, log, show_progress, runner)
     demo.run()
     return demo.dir
 

@@ -43,7 +43,7 @@ import numpy as np
 import yaml
 
 from mpm.core.errors import ConfigError, DataError
-from mpm.demo.lm import CTX_CLOSE, CTX_OPEN, IMAGE
+from mpm.demo.lm import image_prompt
 from mpm.demo.world import ATTRIBUTES, DEFAULT_FOLDER, World, load_world
 from mpm.eval.scorers import Scores, TextScorer, register_scorer
 
@@ -53,7 +53,7 @@ from mpm.eval.scorers import Scores, TextScorer, register_scorer
 # out is the render (jitter, size, tint, noise) and the caption template draw, not the combination.
 EVAL_SEED = 7_919_131
 MANIFEST = "eval_set.json"
-EVAL_SET_VERSION = 1  # bump when the layout or content of a written set changes
+EVAL_SET_VERSION = 2  # bump when the layout or content of a written set changes
 
 
 def _world_languages(world: World) -> str:
@@ -130,8 +130,8 @@ class EvalSet:
 
 
 def eval_prompt(world: World, lang: str) -> str:
-    """The raw caption prompt of `lang` (image inside the context slot, then the language's instruction)."""
-    return f"{CTX_OPEN}{IMAGE}{CTX_CLOSE} {world.instruction(lang)}"
+    """The raw caption prompt of `lang`: the one the demo's i2t model is trained with (`lm.image_prompt`)."""
+    return image_prompt(world, lang)
 
 
 def _world_digest(world: World, langs: Sequence[str]) -> str:

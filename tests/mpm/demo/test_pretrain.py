@@ -152,3 +152,18 @@ def test_check_gate_names_languages_below():
     assert check_gate(ok) is ok
     with pytest.raises(GateFailed, match="never run"):
         check_gate(PretrainResult(Path("x"), 0, {}, False, 0.0))
+
+
+def test_another_run_in_the_same_folder_reuses_nothing(tmp_path):
+    """A folder holding an LM of other languages: its tokenizer (and t2i-layer choice) must not be reused."""
+    folder = tmp_path / "lm"
+    pretrain_lm(load_world(["en", "zh"]), ["en", "zh"], folder, tiny_settings(max_steps=2, probe_every=2), log=print)
+    (folder / "conditioning.json").write_text('{"layer": 1, "langs": ["en", "de"]}', encoding="utf-8")
+    world = load_world(["en", "de"])
+    pretrain_lm(world, ["en", "de"], folder, tiny_settings(max_steps=2, probe_every=2), log=print)
+    _, tok = load_pretrained(folder)
+    german = world.caption(world.scene(0, 5), "de")
+    assert tok.decode(tok.encode(german, add_special_tokens=False)) == german
+    assert not (folder / "conditioning.json").exists()
+    assert json.loads((folder / "pretrain.json").read_text(encoding="utf-8"))["langs"] == ["en", "de"]
+    assert "用" not in "".join(tok.convert_ids_to_tokens(range(len(tok))))  # the en+zh vocabulary is gone

@@ -144,7 +144,11 @@ def test_write_eval_set_files_formats_and_idempotence(world, tmp_path):
 
     prompts = parse_yaml(files.prompts.read_text(encoding="utf-8"))
     assert prompts == {"en": eval_prompt(world, "en"), "zh": eval_prompt(world, "zh")}
-    assert prompts["zh"] == "<ctx><image></ctx> " + world.instruction("zh")
+    assert prompts["zh"] == "<ctx><image> </ctx> " + world.instruction("zh")
+    from mpm.demo.run import i2t_config
+
+    trained = i2t_config(tmp_path, tmp_path, tmp_path, tmp_path, "zh", 10, 0, world)["data"]["caption_prompts"]
+    assert trained == [prompts["zh"]]  # asked exactly as the i2t model was trained
     table = prompt_table(str(files.prompts))
     assert table["zh"] == prompts["zh"] and is_raw(table["en"])
 
