@@ -11,7 +11,7 @@ FLAGS = [
     Flag("--seeds", "seeds", int, "runs with seeds SEED..SEED+N-1; the table shows mean and spread (default: 1)"),
     Flag("--seed", "seed", int, "the first seed (default: 0)"),
     Flag("--native", "native", "list", "languages with a native upper bound (trained on their pairs): 'all', "
-         "'none' or codes (default: zh; with --quick: none)"),
+         "'none' or codes (default: none; the README's table runs --native zh)"),
     Flag("--no-control", "control", "const", "skip the English-only-LM control", const=False),
     Flag("--no-t2i", "t2i", "const", "skip text-to-image", const=False),
     Flag("--world", "world", str, "a folder of world files (default: configs/world)"),
