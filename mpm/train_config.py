@@ -125,13 +125,18 @@ class TrainSection:
 
     def __post_init__(self):
         check_choice("train.stage", self.stage, ("pretrain", "sft"))
-        check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
-        check_choice("train.vision", self.vision, ("frozen", "full", "last_n"))
-        for name in ("max_steps", "batch_size", "grad_accum", "save_every", "log_every", "keep_last", "vision_last_n"):
-            check_range(f"train.{name}", getattr(self, name), 1)
-        unknown = [r for r in self.report_to if r not in ("tensorboard", "wandb")]
-        if unknown:
-            raise ConfigError(f"`train.report_to` knows tensorboard and wandb, got {unknown}")
+        check_train_section(self)
+
+
+def check_train_section(t) -> None:
+    """The checks every i2t-model training section shares (`mpm train i2t`, `mpm train align`)."""
+    check_choice("train.mixed_precision", t.mixed_precision, ("no", "bf16", "fp16"))
+    check_choice("train.vision", t.vision, ("frozen", "full", "last_n"))
+    for name in ("max_steps", "batch_size", "grad_accum", "save_every", "log_every", "keep_last", "vision_last_n"):
+        check_range(f"train.{name}", getattr(t, name), 1)
+    unknown = [r for r in t.report_to if r not in ("tensorboard", "wandb")]
+    if unknown:
+        raise ConfigError(f"`train.report_to` knows tensorboard and wandb, got {unknown}")
 
 
 @dataclass

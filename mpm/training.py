@@ -190,3 +190,13 @@ def save_final(
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     return model
+
+
+def shards_weights(accelerator) -> bool:
+    """Whether the run shards the weights (FSDP, DeepSpeed ZeRO-3): then LoRA cannot be merged at the end."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3

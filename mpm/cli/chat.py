@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from mpm.cli.options import Flag, add_command
@@ -18,6 +19,10 @@ class ChatCommand:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 0.9
     device: str = "auto"  # auto | cpu | cuda
+    best_of: int = 1  # sample N answers, keep the one with the highest DPO implicit reward (needs `reference`)
+    reference: str | None = None  # the model the aligned one started from (best-of-N's reward)
+    beta: float = 0.1  # the reward's scale (it does not change which answer wins; shown with the candidates)
+    seed: int = 0
 
 
 FLAGS = [
@@ -29,6 +34,18 @@ FLAGS = [
     Flag("--temperature", "temperature", float, "0 = greedy (default)"),
     Flag("--top-p", "top_p", float, "nucleus sampling mass when sampling (default: 0.9)"),
     Flag("--device", "device", str, "auto|cpu|cuda (default: auto)"),
+    Flag(
+        "--best-of",
+        "best_of",
+        int,
+        "sample N answers and keep the best by beta*(log pi - log ref) (needs "
+        "--reference; samples at --temperature, 0.7 when not given)",
+    ),
+    Flag(
+        "--reference", "reference", str, "the reference model of --best-of: the checkpoint the aligned one started from"
+    ),
+    Flag("--beta", "beta", float, "the implicit reward's scale, printed with the candidates (default: 0.1)"),
+    Flag("--seed", "seed", int, "the seed of the sampled answers (default: 0)"),
 ]
 
 
@@ -45,6 +62,8 @@ def chat_command(cfg: ChatCommand, args) -> int:
 
     for path in cfg.image:
         open_image(path)  # a missing or unreadable image is an error before the model loads
+    if cfg.best_of > 1:
+        return _best_of(cfg)
     model, processor = load_model(cfg.model, device=cfg.device)
     generation = {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.temperature > 0}
     if cfg.temperature > 0:
@@ -53,6 +72,30 @@ def chat_command(cfg: ChatCommand, args) -> int:
         interactive(model, processor, images=cfg.image, first=cfg.prompt, **generation)
     else:
         print(shown(one_shot(model, processor, cfg.prompt, cfg.image, raw=cfg.raw, **generation)))
+    return 0
+
+
+def _best_of(cfg: ChatCommand) -> int:
+    from mpm.align.best_of import best_of_n
+    from mpm.chat import shown
+    from mpm.core.errors import ConfigError
+    from mpm.inference import load_model
+
+    if not cfg.reference:
+        raise ConfigError("--best-of scores answers against the reference model: give --reference DIR (the "
+                          "checkpoint the aligned one started from)")  # fmt: skip
+    if cfg.interactive or cfg.raw:
+        raise ConfigError("--best-of answers one chat message: drop --interactive / --raw")
+    model, processor = load_model(cfg.model, device=cfg.device)
+    reference, _ = load_model(cfg.reference, device=cfg.device)
+    best, candidates = best_of_n(
+        model, reference, processor, cfg.prompt, cfg.image, cfg.best_of, cfg.beta, cfg.seed,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature or 0.7, top_p=cfg.top_p,
+    )  # fmt: skip
+    for i, c in enumerate(candidates):
+        kept = "  <- kept" if c is best else ""
+        print(f"[{i}] reward {c.reward:+.3f}{kept}: {shown(c.answer)}", file=sys.stderr)  # stdout: the answer
+    print(shown(best.answer))
     return 0
 
 

@@ -33,9 +33,31 @@ def t2i_command(cfg, args) -> int:
     return 0
 
 
+ALIGN_FLAGS = [
+    Flag("--output-dir", "train.output_dir", str, "run folder: checkpoints, metrics.jsonl, final/"),
+    Flag("--max-steps", "train.max_steps", int, "optimizer steps"),
+    Flag("--preset", "loss.preset", str, "dpo | rlhfv_paper (gamma 5, beta 0.5, normalised) | rlhfv_released"),
+    Flag(
+        "--no-cache",
+        "reference.recompute",
+        "const",
+        "compute the reference log-probs again, replacing the cache",
+        const=True,
+    ),
+]
+
+
+def align_command(cfg, args) -> int:
+    from mpm.recipes.align import train
+
+    result = train(cfg, show_progress=not args.no_progress)
+    print(f"final model in {result.final} ({result.pairs} pairs used, {len(result.skipped)} unusable)")
+    return 0
+
+
 def register(groups) -> None:
-    train = groups.add_parser("train", help="train models (i2t: image-to-text, t2i: text-to-image)")
-    commands = train.add_subparsers(dest="command", required=True, metavar="{i2t,t2i}")
+    train = groups.add_parser("train", help="train models (i2t: image-to-text, t2i: text-to-image, align: DPO)")
+    commands = train.add_subparsers(dest="command", required=True, metavar="{i2t,t2i,align}")
     p = add_command(
         commands,
         "i2t",
@@ -69,5 +91,23 @@ def register(groups) -> None:
             "same command resumes exactly from the last checkpoint."
         ),
         epilog="example: mpm train t2i --config configs/t2i/sd2.1-base_qwen2.5-1.5b_align.yaml train.max_steps=20000",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = add_command(
+        commands,
+        "align",
+        align_command,
+        "mpm.align.config:AlignConfig",
+        ALIGN_FLAGS,
+        config_required=True,
+        help="preference alignment of an i2t model: DPO, or RLHF-V's dense DPO from corrected answers",
+        description=(
+            "Align an MPM checkpoint on preference pairs (the DESIGN.md jsonl, RLHF-V-Dataset or RLAIF-V-Dataset "
+            "parquet, LLaMA-Factory or TRL preference files) with DPO or dense DPO (corrected segments weighted by "
+            "gamma, found by a token diff of chosen and rejected). The reference model's log-probs are computed once "
+            "and cached beside the data (--no-cache recomputes them). Full, LoRA, or the LLM frozen "
+            "(train.train_llm: false). Rerunning the same command resumes exactly from the last checkpoint."
+        ),
+        epilog="example: mpm train align --config configs/align/rlhfv_paper.yaml model.init_from=runs/sft/final",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -91,7 +91,10 @@ class Checkpoints:
         self._hooked.add(id(accelerator))
 
     @staticmethod
-    def load(accelerator, folder: Path) -> dict:
+    def load(accelerator, folder: Path, optimizer=None) -> dict:
+        """Restore the run's state from `folder` and return its state.json. `optimizer`: its parameter groups'
+        names (the metrics' lr_<name>) are kept: torch replaces the groups with the saved ones."""
+        names = [g.get("name") for g in optimizer.param_groups] if optimizer is not None else []
         state = json.loads((folder / "state.json").read_text())
         if state.get("format", 1) != CHECKPOINT_FORMAT:
             change = FORMAT_CHANGES.get(CHECKPOINT_FORMAT, "the checkpoint format changed")
@@ -115,6 +118,8 @@ class Checkpoints:
                 f"{folder} cannot be resumed: its optimizer trains other parameter groups ({exc}); use a new "
                 "train.output_dir"
             ) from None
+        for group, name in zip(optimizer.param_groups if optimizer is not None else [], names):
+            group["name"] = name
         return state
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -38,7 +38,14 @@ from mpm.data import Conversations, LengthGroupedSampler, PairCaptions, collate,
 from mpm.modeling import MPMForConditionalGeneration
 from mpm.processor import IGNORE_INDEX
 from mpm.train_config import RESUMABLE, TrainConfig
-from mpm.training import build_model, keep_frozen_norm_statistics, save_final, set_trainable, store_frozen_in
+from mpm.training import (
+    build_model,
+    keep_frozen_norm_statistics,
+    save_final,
+    set_trainable,
+    shards_weights,
+    store_frozen_in,
+)
 
 logger = logging.getLogger(__name__)
 # Stop when this many samples in a row (on all processes, counted at each log) were unusable: the data is broken.
@@ -71,7 +78,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
         log_with=t.report_to or None,
         project_dir=str(out),
     )
-    sharded = _shards_weights(accelerator)
+    sharded = shards_weights(accelerator)
     if t.lora.enabled and sharded:
         raise ConfigError("train.lora needs whole weights to merge: use DDP or DeepSpeed ZeRO-2, not FSDP / ZeRO-3")
     if cfg.eval.data and sharded:  # the main process alone generates: it needs the whole weights
@@ -129,10 +136,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
     step, epoch, consumed, state = 0, 0, 0, {}
     latest = checkpoints.latest()
     if latest is not None:
-        names = [g["name"] for g in optimizer.param_groups]
-        state = Checkpoints.load(accelerator, latest)
-        for group, name in zip(optimizer.param_groups, names):  # torch replaces the groups with the saved ones
-            group["name"] = name
+        state = Checkpoints.load(accelerator, latest, optimizer)
         step, epoch, consumed = state["step"], state["epoch"], state["batches_in_epoch"]
         logger.info("resuming from %s (step %d)", latest, step)
     if t.report_to:
@@ -407,10 +411,3 @@ def _batches(cfg: TrainConfig, processor, accelerator, epoch: int, skip: int, co
     for batch in DataLoader(dataset, batch_sampler=batches, **workers):
         batch.pop("passed")
         yield batch
-
-
-def _shards_weights(accelerator) -> bool:
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    plugin = accelerator.state.deepspeed_plugin
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
