@@ -40,3 +40,4 @@ bench: setup
 	$(BIN)/python benchmarks/bench_t2i.py
 	$(BIN)/python benchmarks/bench_eval.py
 	$(BIN)/python benchmarks/bench_demo.py
+	$(BIN)/python benchmarks/bench_align.py

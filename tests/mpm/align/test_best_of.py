@@ -1,7 +1,6 @@
 """Best-of-N with DPO's implicit reward, through `mpm chat --best-of`."""
 
 import pytest
-import torch
 from PIL import Image
 
 from mpm.align.best_of import answer_logps, best_of_n
@@ -11,18 +10,10 @@ from mpm.inference import load_model
 
 
 @pytest.fixture
-def models(tiny, tmp_path):
-    folders = []
-    for seed in (0, 1):  # the "aligned" policy and its reference differ
-        torch.manual_seed(seed)
-        model, processor = tiny()
-        folder = tmp_path / f"model{seed}"
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
-        folders.append(folder)
+def models(save_tiny, tmp_path):
     image = tmp_path / "red.png"
     Image.new("RGB", (32, 32), "red").save(image)
-    return *folders, image
+    return save_tiny("policy", seed=0), save_tiny("reference", seed=1), image  # they differ
 
 
 def test_the_kept_answer_has_the_highest_implicit_reward(models):

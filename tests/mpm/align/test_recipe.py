@@ -18,13 +18,8 @@ COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black
 
 
 @pytest.fixture
-def start(tiny, tmp_path):
-    torch.manual_seed(0)
-    model, processor = tiny()
-    folder = tmp_path / "sft"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+def start(save_tiny):
+    return save_tiny("sft")
 
 
 @pytest.fixture

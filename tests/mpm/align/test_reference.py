@@ -17,13 +17,8 @@ from mpm.processor import ProcessingError
 
 
 @pytest.fixture
-def saved_model(tiny, tmp_path):
-    torch.manual_seed(0)
-    model, processor = tiny()
-    folder = tmp_path / "reference"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+def saved_model(save_tiny):
+    return save_tiny("reference")
 
 
 @pytest.fixture
@@ -138,7 +133,7 @@ def test_unusable_pairs_are_recorded_with_their_reason(saved_model, pairs_file):
     assert again.missing(["0", "1", "2"]) == [] and again.skipped == cache.skipped
 
 
-def test_a_cache_from_other_data_or_another_model_is_refused(saved_model, pairs_file, tiny, tmp_path):
+def test_a_cache_from_other_data_or_another_model_is_refused(saved_model, pairs_file, save_tiny):
     folder = default_folder(pairs_file)
     ReferenceCache.open(folder, expected_manifest(saved_model, pairs_file, {"max_length": 512}))
     with pytest.raises(ConfigError, match="other data.*--no-cache"):
@@ -149,11 +144,7 @@ def test_a_cache_from_other_data_or_another_model_is_refused(saved_model, pairs_
         ReferenceCache.open(folder, expected_manifest(saved_model, pairs_file, {"max_length": 512}))
     pairs_file.write_text(original, encoding="utf-8")
 
-    torch.manual_seed(1)
-    other, processor = tiny()
-    other_folder = tmp_path / "other"
-    other.save_pretrained(other_folder)
-    processor.save_pretrained(other_folder)
+    other_folder = save_tiny("other", seed=1)
     with pytest.raises(ConfigError, match=f"another reference model.*{other_folder.name}"):
         ReferenceCache.open(folder, expected_manifest(other_folder, pairs_file, {"max_length": 512}))
     recomputed = ReferenceCache.open(
