@@ -195,7 +195,8 @@ def fill(cache: ReferenceCache, load_model: Callable[[], Any], processor, items:
     """Encode the (key, pair) items the cache lacks and compute their reference log-probs (under `autocast`: the
     policy's precision), loading the reference model only if any are missing; a pair that cannot be encoded is
     recorded as skipped, with the reason. Returns how many keys were added (computed or skipped)."""
-    todo = [(key, pair) for key, pair in items if key not in cache.entries and key not in cache.skipped]
+    missing = set(cache.missing(key for key, _ in items))
+    todo = [(key, pair) for key, pair in items if key in missing]
     if not todo:
         return 0
     model = load_model().eval()

@@ -232,7 +232,7 @@ def pair_losses(model, processor, pairs: list[EncodedPair], cache: ReferenceCach
     scores = sequence_logps(logps, mask, weights, loss_cfg.normalise)
     ref_chosen, ref_rejected = cache.get(pairs)
     ref_logps = place_weights([r.to(device) for r in ref_chosen + ref_rejected], mask)  # the cached values in place
-    ref_scores = sequence_logps(ref_logps * mask, mask, weights, loss_cfg.normalise)
+    ref_scores = sequence_logps(ref_logps, mask, weights, loss_cfg.normalise)
     b = len(pairs)
     out = preference_loss(scores[:b], scores[b:], ref_scores[:b], ref_scores[b:], loss_cfg.beta,
                           sft_weight=loss_cfg.sft_weight)  # fmt: skip
