@@ -41,3 +41,4 @@ bench: setup
 	$(BIN)/python benchmarks/bench_eval.py
 	$(BIN)/python benchmarks/bench_demo.py
 	$(BIN)/python benchmarks/bench_align.py
+	if $(BIN)/python -c "import trl" 2>/dev/null; then $(BIN)/python benchmarks/bench_align_trl.py; else echo "bench_align_trl.py skipped: needs the bench-trl extra (pip install -e '.[bench-trl]')"; fi

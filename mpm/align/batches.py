@@ -2,7 +2,8 @@
 
     pair -> two conversations, [user: <image> question, assistant: chosen] and [..., assistant: rejected],
             encoded by the model's own processor (`MPMProcessor.encode_conversation`: only the answer and what
-            closes its turn are labelled, as in supervised fine-tuning)
+            closes its turn are labelled, as in supervised fine-tuning); or, for a model trained on raw prompts
+            (the miniature world's), the raw prompt followed by each answer (`MPMProcessor.encode_raw`)
          -> one padded batch: the B chosen rows, then the B rejected rows (one forward pass for both)
          -> per-token log-probs of the labelled tokens (`losses.token_logps`)
 
@@ -20,7 +21,7 @@ import torch
 
 from mpm.align.data import PreferencePair, open_image
 from mpm.align.losses import segment_weights, target_logps
-from mpm.inference import with_markers
+from mpm.inference import Request, with_markers
 from mpm.processor import IGNORE_INDEX, Encoded, MPMProcessor, ProcessingError
 
 
@@ -39,16 +40,41 @@ def _scored(encoded: Encoded) -> list[int]:
     return [label for label in encoded.labels if label != IGNORE_INDEX]
 
 
-def encode_pair(processor: MPMProcessor, pair: PreferencePair, max_length: int, key: str | None = None) -> EncodedPair:
-    """The pair's two conversations as training inputs, named `key` (default: the pair's id). Raises
-    ProcessingError (too long, nothing to learn) or a DataError (the image is missing or undecodable): the caller
-    counts the pair as skipped."""
+def raw_text(raw_prompt: str, question: str) -> str:
+    """A raw prompt template filled: `{question}` replaced by the question (a plain replace: braces in the
+    question stay as they are)."""
+    return raw_prompt.replace("{question}", question)
+
+
+def prompt_request(question: str, images: list, raw_prompt: str | None = None) -> Request:
+    """The generation request that asks `question` the way the model was trained: through its chat template, or,
+    for a model trained on raw prompts, the template `raw_prompt` filled with the question."""
+    if raw_prompt is not None:
+        return Request(images, prompt=raw_text(raw_prompt, question))
+    return Request(images, messages=[{"role": "user", "content": question}])
+
+
+def encode_answer(processor: MPMProcessor, question: str, answer: str, images: list,
+                  raw_prompt: str | None = None) -> Encoded:  # fmt: skip
+    """`answer` to `question` as training inputs, only the answer (and what closes it) labelled: a chat turn, or
+    after the filled raw prompt (`MPMProcessor.encode_raw`, as `mpm train i2t` encodes caption prompts)."""
+    if raw_prompt is not None:
+        return processor.encode_raw(with_markers(processor, raw_text(raw_prompt, question), len(images)), answer,
+                                    images)  # fmt: skip
+    question = with_markers(processor, question, len(images))
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return processor.encode_conversation(messages, images)
+
+
+def encode_pair(processor: MPMProcessor, pair: PreferencePair, max_length: int, key: str | None = None,
+                raw_prompt: str | None = None) -> EncodedPair:  # fmt: skip
+    """The pair's two answers as training inputs, named `key` (default: the pair's id); `raw_prompt` as in
+    `encode_answer`. Raises ProcessingError (too long, nothing to learn) or a DataError (the image is missing or
+    undecodable): the caller counts the pair as skipped."""
     images = [open_image(pair)] if pair.image is not None else []
-    question = with_markers(processor, pair.question, len(images))
     sides = []
     for answer in (pair.chosen, pair.rejected):
-        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        encoded = processor.encode_conversation(messages, images)
+        encoded = encode_answer(processor, pair.question, answer, images, raw_prompt)
         if len(encoded.input_ids) > max_length:
             raise ProcessingError(
                 f"longer than max_length={max_length} ({len(encoded.input_ids)} tokens with the image): raise "

@@ -24,10 +24,17 @@ class DataSection:
     images: str | None = None  # where relative image paths live (default: beside the file)
     format: str = "auto"  # auto | mpm | rlhfv | rlaifv | llamafactory | trl
     max_length: int = 2048  # a side longer than this (image tokens included) skips the pair, counted
+    # A model trained on raw prompts (no chat template, as the miniature world's): the prompt, with `{question}`
+    # where the pair's question goes and `<image>` where the image goes; each answer follows it after a space.
+    # None: the model's chat template.
+    raw_prompt: str | None = None
 
     def __post_init__(self):
         check_choice("data.format", self.format, ("auto", *FORMATS))
         check_range("data.max_length", self.max_length, 8)
+        if self.raw_prompt is not None and "{question}" not in self.raw_prompt:
+            raise ConfigError(f"data.raw_prompt {self.raw_prompt!r} has no {{question}}: put it where the question "
+                              "goes (e.g. \"<image> {question}\")")  # fmt: skip
 
 
 @dataclass

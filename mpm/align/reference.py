@@ -191,7 +191,7 @@ def _check_same(folder: Path, found: dict, wanted: dict) -> None:
 @torch.no_grad()
 def fill(cache: ReferenceCache, load_model: Callable[[], Any], processor, items: list[tuple[str, PreferencePair]],
          max_length: int, batch_size: int, part_size: int = 512, show_progress: bool = True,
-         autocast: Callable[[], Any] = contextlib.nullcontext) -> int:  # fmt: skip
+         autocast: Callable[[], Any] = contextlib.nullcontext, raw_prompt: str | None = None) -> int:  # fmt: skip
     """Encode the (key, pair) items the cache lacks and compute their reference log-probs (under `autocast`: the
     policy's precision), loading the reference model only if any are missing; a pair that cannot be encoded is
     recorded as skipped, with the reason. Returns how many keys were added (computed or skipped)."""
@@ -207,7 +207,7 @@ def fill(cache: ReferenceCache, load_model: Callable[[], Any], processor, items:
         group = []
         for key, pair in todo[start : start + batch_size]:
             try:
-                encoded = encode_pair(processor, pair, max_length, key=key)
+                encoded = encode_pair(processor, pair, max_length, key=key, raw_prompt=raw_prompt)
             except DataError as exc:  # ProcessingError (too long), a missing or undecodable image
                 skipped[key] = f"{type(exc).__name__}: {exc}"
                 continue

@@ -14,6 +14,8 @@ FLAGS = [
          "'none' or codes (default: none; the README's table runs --native zh)"),
     Flag("--no-control", "control", "const", "skip the English-only-LM control", const=False),
     Flag("--no-t2i", "t2i", "const", "skip text-to-image", const=False),
+    Flag("--align", "align", "flag", "also align the i2t model on English feedback (DDPO, DDPO + LoRA, one RLAIF-V "
+         "iteration) and report hallucination per language before and after"),
     Flag("--world", "world", str, "a folder of world files (default: configs/world)"),
     Flag("--lm-steps", "lm_steps", int, "the most text-pretraining steps (it stops at the gate)"),
     Flag("--i2t-steps", "i2t_steps", int, "image-to-text training steps"),

@@ -121,6 +121,7 @@ class DemoConfig:
     native: list[str] | None = None  # native upper bound: codes, "all" or "none" (default: none)
     control: bool = True  # the English-only-LM control (i2t and t2i)
     t2i: bool = True
+    align: bool = False  # alignment on English feedback (mpm.demo.align): DDPO, DDPO with LoRA, one RLAIF-V iteration
     world: str | None = None  # a folder of world files (default: configs/world)
     # sizes (0: the preset's)
     train_images: int = 0
@@ -163,7 +164,10 @@ SECONDS = {
     "paint": 0.05,  # one generated image
     "render": 0.002,
     "judge": 25.0,
+    "align_answer": 0.004,  # one greedy or sampled answer in a batch of 64 (alignment stage)
+    "align_step": 0.03,  # a DPO step of 16 pairs (both answers, one forward pass), the vision tower training
 }
+ALIGN_SIZES = {"full": (400, 100, 100), "quick": (48, 12, 8)}  # feedback scenes, held-out scenes, DDPO steps
 
 
 @dataclass
@@ -551,6 +555,8 @@ class Demo:
             run = r.root / f"i2t_native_{c}"
             steps.append(self.i2t_step(r, r.lm, c, run, s.i2t_steps, f"i2t native upper bound ({c} pairs)"))
             steps.append(self.caption_eval_step(r, run, f"i2t_native_{c}", [c]))
+        if self.cfg.align:
+            steps.append(self.align_step(r))
         if self.cfg.t2i:
             steps.append(self.t2i_step(r, r.lm, r.t2i, s.t2i_steps, "t2i (English pairs, LM frozen)"))
             steps.append(self.paint_eval_step(r, r.t2i, "t2i"))
@@ -619,6 +625,21 @@ class Demo:
         budget = SECONDS["caption"] * self.sizes.eval_images * len(langs)
         return Step(f"eval {name}: captions in {', '.join(langs)} (seed {r.seed})", budget, go, mpm_command(*words))
 
+    def align_step(self, r: SeedRun) -> Step:
+        from mpm.demo.align import run_align
+
+        feedback, heldout, steps = ALIGN_SIZES["quick" if self.cfg.quick else "full"]
+
+        def go():
+            run_align(self, r, feedback, heldout, steps)
+
+        # answers: held-out ones before and after each variant (and RLAIF-V's own before / after), the corrections'
+        # and RLAIF-V's 4 samples per feedback scene; three DPO trainings of `steps` (RLAIF-V's about as long)
+        answers = heldout * len(self.langs) * 5 + feedback * 5
+        budget = answers * SECONDS["align_answer"] + 3 * steps * SECONDS["align_step"]
+        return Step(f"align on English feedback: DDPO, DDPO + LoRA, RLAIF-V (seed {r.seed})", budget, go,
+                    self.demo_command("all", r.seed) + " --align")  # fmt: skip
+
     def t2i_step(self, r: SeedRun, llm: Path, out: Path, steps: int, label: str) -> Step:
         path = r.configs / f"{out.name}.yaml"
         words = ["train", "t2i", "--config", str(path)]
@@ -668,6 +689,14 @@ class Demo:
 
         results = collect(self)
         paths = write_all(results, self.dir, self)
+        if self.cfg.align:
+            from mpm.demo.align import results_table
+
+            per_seed = [json.loads((self.seed_run(s).root / "align" / "results.json").read_text()) for s in self.seeds]
+            with open(self.dir / "results.md", "a", encoding="utf-8") as f:
+                f.write("\n" + results_table(per_seed, self.langs))
+            everything = json.loads((self.dir / "results.json").read_text(encoding="utf-8"))
+            write_json(self.dir / "results.json", {**everything, "align": per_seed})
         self.log("")
         self.log((self.dir / "results.md").read_text(encoding="utf-8"))
         self.log("files: " + ", ".join(str(p) for p in paths))

@@ -10,7 +10,8 @@ The reference model's log-probs are computed once, before training, and cached b
 (mpm.align.reference); the loop reads them and never runs the reference model. The loop itself is plain
 accelerate, as in mpm/recipes/i2t.py: forward, loss, backward, clip, optimizer and scheduler steps. Checkpoints hold
 the weights, optimizer, scheduler, RNG states and the data position, so a resumed run continues exactly.
-Start from any MPM checkpoint (a stage-2 final/, or an earlier alignment).
+Start from any MPM checkpoint (a stage-2 final/, or an earlier alignment) or an exported LLaVA one (converted
+first, into OUTPUT_DIR/imported/).
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ from mpm.core.errors import ConfigError, DataError
 from mpm.core.files import output_folder
 from mpm.core.runs import Checkpoints, Metrics, check_resume, summed, summed_count, tracker_config
 from mpm.data import LengthGroupedSampler, to_device
+from mpm.export import import_llava_once
 from mpm.inference import load_model
 from mpm.modeling import MPMForConditionalGeneration
+from mpm.processor import MPMProcessor
 from mpm.train_config import ModelSection as I2TModelSection
 from mpm.training import build_model, keep_frozen_norm_statistics, save_final, set_trainable, shards_weights
 
@@ -89,11 +92,16 @@ def train(cfg: AlignConfig, show_progress: bool = True) -> AlignResult:
     items = [(str(pair.row), pair) for pair in preferences.pairs]  # keyed by record number: ids may repeat
     if not items:
         raise DataError(f"data.preferences {d.preferences}: no usable pair ({preferences.summary()})")
-    reference = cfg.model.reference or cfg.model.init_from
-    processor = _processor(cfg.model.init_from)
+    # An exported (or native) LLaVA checkpoint is converted to an MPM one first, once (mpm.export.import_llava).
+    start = _as_mpm(cfg.model.init_from, out / "imported" / "policy", accelerator)
+    reference = start if cfg.model.reference in (None, cfg.model.init_from) else cfg.model.reference
+    if _model_type(reference) == "llava":  # (a reference folder that is gone is fine while its cache is complete)
+        reference = _as_mpm(reference, out / "imported" / "reference", accelerator)
+    processor = MPMProcessor.from_pretrained(start)
     cache_folder = Path(cfg.reference.cache) if cfg.reference.cache else default_folder(d.preferences)
     settings = {"max_length": d.max_length, "format": d.format, "images": d.images,
-                "chat_template": processor.tokenizer.chat_template, "mixed_precision": t.mixed_precision}  # fmt: skip
+                "chat_template": processor.tokenizer.chat_template, "raw_prompt": d.raw_prompt,
+                "mixed_precision": t.mixed_precision}  # fmt: skip
     wanted = [expected_manifest(reference, d.preferences, settings) if accelerator.is_main_process else None]
     wanted = broadcast_object_list(wanted)[0]  # the data file hashed once, not by every process
     if accelerator.is_main_process:  # created (or refused, or emptied for --no-cache) before anyone reads it
@@ -103,7 +111,7 @@ def train(cfg: AlignConfig, show_progress: bool = True) -> AlignResult:
     share = items[accelerator.process_index :: accelerator.num_processes]
     made = fill(cache, lambda: load_model(reference, device=str(accelerator.device))[0], processor, share,
                 d.max_length, cfg.reference.batch_size, show_progress=show_progress and accelerator.is_main_process,
-                autocast=accelerator.autocast)  # fmt: skip
+                autocast=accelerator.autocast, raw_prompt=d.raw_prompt)  # fmt: skip
     if made:
         logger.info("reference log-probs: %d pairs computed into %s", made, cache_folder)
     accelerator.wait_for_everyone()
@@ -117,7 +125,7 @@ def train(cfg: AlignConfig, show_progress: bool = True) -> AlignResult:
                        len(cache.skipped), len(items), cache_folder)  # fmt: skip
 
     # 3. The policy, what trains, the optimizer ------------------------------------------------------------------
-    model, processor = build_model(I2TModelSection(init_from=cfg.model.init_from,
+    model, processor = build_model(I2TModelSection(init_from=start,
                                                    attn_implementation=cfg.model.attn_implementation))  # fmt: skip
     groups = set_trainable(model, t)
     for module in model.modules():  # the reference ran without dropout: so does the policy (as TRL's default)
@@ -162,7 +170,7 @@ def train(cfg: AlignConfig, show_progress: bool = True) -> AlignResult:
         step_pairs = summed_count(accelerator, sum(len(group) for group, _, _ in micro))
         grad_norm = 0.0
         for group, _, _ in micro:
-            pairs = [_encoded(processor, pair, d.max_length, key, cache_folder) for key, pair in group]
+            pairs = [_encoded(processor, pair, d, key, cache_folder) for key, pair in group]
             with accelerator.accumulate(model):
                 losses, logged = pair_losses(model, processor, pairs, cache, loss_cfg, accelerator.device)
                 # accelerate divides by grad_accum and DDP averages over processes: undo both, so the gradient is
@@ -268,21 +276,27 @@ def _micro_batches(items: list, batch_size: int, seed: int, accelerator, epoch: 
         epoch, consumed = epoch + 1, 0
 
 
-def _encoded(processor, pair, max_length: int, key: str, cache_folder: Path) -> EncodedPair:
+def _encoded(processor, pair, d, key: str, cache_folder: Path) -> EncodedPair:
     try:
-        return encode_pair(processor, pair, max_length, key=key)
+        return encode_pair(processor, pair, d.max_length, key=key, raw_prompt=d.raw_prompt)
     except DataError as exc:  # it encoded when the cache was made: its image changed or went since
         raise DataError(f"{exc} (it could be read when reference cache {cache_folder} was made; fix the image, "
                         "or rerun with --no-cache to leave the pair out)") from None  # fmt: skip
 
 
-def _processor(folder: str):
-    """The policy's processor, before any weights are loaded (the reference pass uses it)."""
-    from mpm.processor import MPMProcessor
+def _as_mpm(folder: str, imported: Path, accelerator) -> str:
+    """An MPM checkpoint folder for `folder`: itself, or for a LLaVA checkpoint its conversion into `imported`
+    (made by the main process, once: a resumed run reuses it)."""
+    model_type = _model_type(folder)
+    if model_type not in ("mpm", "llava"):
+        raise ConfigError(f"{folder}: not a saved MPM or LLaVA model (config.json model_type {model_type!r}); start "
+                          "from an MPM checkpoint or an exported LLaVA one")  # fmt: skip
+    if accelerator.is_main_process:
+        import_llava_once(folder, imported)
+    accelerator.wait_for_everyone()
+    return import_llava_once(folder, imported)  # made: every process gets its path
 
+
+def _model_type(folder: str) -> str | None:
     config = Path(folder) / "config.json"
-    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
-    if model_type != "mpm":
-        raise ConfigError(f"model.init_from {folder}: not a saved MPM model (config.json model_type {model_type!r}); "
-                          "start from an MPM checkpoint (an exported LLaVA one cannot be aligned yet)")  # fmt: skip
-    return MPMProcessor.from_pretrained(folder)
+    return json.loads(config.read_text()).get("model_type") if config.is_file() else None

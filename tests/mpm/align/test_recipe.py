@@ -111,6 +111,56 @@ def test_the_cache_replaces_the_reference_model_and_the_llm_can_stay_frozen(star
     assert any(not torch.equal(before[k], after[k]) for k in connector)
 
 
+def test_a_model_trained_on_raw_prompts_is_aligned_on_them(start, pairs_file, tmp_path):
+    from mpm.align.batches import encode_pair
+    from mpm.align.data import read_preferences
+    from mpm.processor import MPMProcessor
+
+    raw = "<ctx><image> </ctx> {question}"
+    processor = MPMProcessor.from_pretrained(start)
+    pair = read_preferences(pairs_file).pairs[0]
+    encoded = encode_pair(processor, pair, 256, raw_prompt=raw)
+    image = Image.open(pairs_file.parent / "images" / "0.png").convert("RGB")
+    expected = processor.encode_raw("<ctx><image> </ctx> What colour is the square?", pair.chosen, [image])
+    assert encoded.chosen.input_ids == expected.input_ids and encoded.chosen.labels == expected.labels
+    assert processor.tokenizer.chat_template is None or "<|im_start|>" not in processor.tokenizer.decode(
+        encoded.chosen.input_ids)  # fmt: skip
+
+    out = tmp_path / "raw"
+    assert main(args(start, pairs_file, out, "train.max_steps=2", f"data.raw_prompt={raw}")) == 0
+    assert [r["pairs"] for r in metrics(out)] == [4, 4]
+    # the raw prompt is part of what the cached log-probs depend on: a chat-template run does not reuse them
+    assert main(args(start, pairs_file, tmp_path / "chat", "train.max_steps=1")) == 2
+
+
+def test_an_exported_llava_checkpoint_is_a_starting_point_for_training_and_best_of_n(
+    start, pairs_file, save_tiny, tmp_path, capsys
+):
+    from mpm.export import export_llava
+
+    llava = export_llava(start, tmp_path / "llava")
+    out = tmp_path / "from_llava"
+    assert main(args(llava, pairs_file, out, "train.max_steps=2", "loss.preset=dpo")) == 0
+    assert (out / "imported" / "policy" / "config.json").is_file() and not (out / "imported" / "reference").exists()
+    # the same run from the MPM checkpoint the LLaVA one was exported from: the same losses
+    same = tmp_path / "from_mpm"
+    assert main(args(start, pairs_file, same, "train.max_steps=2", "loss.preset=dpo")) == 2  # refused: other cache
+    assert main(args(start, pairs_file, same, "train.max_steps=2", "loss.preset=dpo", "--no-cache")) == 0
+    for a, b in zip(metrics(out), metrics(same), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    # best-of-N: the LLaVA policy scored against a LLaVA reference gives the rewards of the MPM models they equal
+    other = export_llava(save_tiny("other", seed=1), tmp_path / "other_llava")
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
+    common = ["--best-of", "3", "--image", str(tmp_path / "red.png"), "--max-new-tokens", "4", "--seed", "3"]
+    rewards = []
+    for policy, reference in ((llava, other), (start, tmp_path / "other")):
+        capsys.readouterr()
+        assert main(["chat", "--model", str(policy), "--reference", str(reference), *common, "What colour?"]) == 0
+        rewards.append([line.split(":")[0] for line in capsys.readouterr().err.splitlines() if "reward" in line])
+    assert len(rewards[0]) == 3 and rewards[0] == rewards[1]
+    assert any("+0.000" not in r for r in rewards[0])  # another reference: the rewards are not all zero
+
+
 def test_a_file_of_unusable_pairs_is_refused(start, pairs_file, tmp_path, capsys):
     shutil.rmtree(pairs_file.parent / "images")
     assert main(args(start, pairs_file, tmp_path / "out", "train.max_steps=2")) == 2
@@ -125,7 +175,14 @@ ALIGN_CONFIGS = sorted(
 
 @pytest.mark.parametrize("path", ALIGN_CONFIGS, ids=[p.name for p in ALIGN_CONFIGS])
 def test_every_shipped_align_config_is_valid(path):
-    cfg = load_config(AlignConfig, path)
+    if path.name.startswith("rlaifv_"):
+        from mpm.align.rlaifv_config import RlaifvConfig
+
+        cfg = load_config(RlaifvConfig, path)
+        assert path.read_text().startswith(f"# mpm align rlaifv --config configs/align/{path.name}")
+        assert cfg.dpo.loss.settings().beta > 0
+    else:
+        cfg = load_config(AlignConfig, path)
+        assert path.read_text().startswith(f"# mpm train align --config configs/align/{path.name}")
+        assert cfg.loss.settings().beta > 0
     cfg.check_required()
-    assert path.read_text().startswith(f"# mpm train align --config configs/align/{path.name}")
-    assert cfg.loss.settings().beta > 0

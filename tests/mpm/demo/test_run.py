@@ -143,10 +143,10 @@ def test_results_table_reads_spread_and_marks_missing_cells():
 def test_quick_demo_end_to_end(tmp_path, capsys):
     """The README's main job at quick size: every stage through the real commands, then a cached rerun."""
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "-o", str(out), "--no-progress", "--threads", "2"]) == 0
+    assert main(["demo", "--quick", "-o", str(out), "--no-progress", "--threads", "2", "--align"]) == 0
     log = capsys.readouterr().out
     for command in ("mpm data shard --config", "mpm train i2t --config", "mpm eval caption --config",
-                    "mpm train t2i --config", "mpm eval paint --config"):  # fmt: skip
+                    "mpm train t2i --config", "mpm eval paint --config", "mpm train align --config"):  # fmt: skip
         assert command in log
     for name in ("results.json", "results.md", "results.png", "grid.png"):
         assert (out / name).is_file(), name
@@ -159,6 +159,11 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         assert table[lang]["i2t_control_all"]["mean"] <= CHANCE + 0.05  # the English-only LM cannot transfer
         assert table[lang]["i2t_fidelity"] is not None
     assert (out / "eval" / "captions.jsonl").is_file()  # the held-out set, reusable with `mpm eval caption`
+    (aligned,) = results["align"]  # --align: hallucination before and after, per language and variant
+    for variant in ("before", "ddpo", "ddpo_lora", "rlaifv"):
+        assert set(aligned[variant]) == {"en", "zh", "de"} and aligned[variant]["en"]["answers"] == 12
+    assert aligned["counts"]["corrections"] > 0 and aligned["counts"]["rlaifv_claims"] > 0
+    assert "## Alignment on English feedback only" in (out / "results.md").read_text(encoding="utf-8")
     assert main(["demo", "--quick", "-o", str(out), "--no-progress"]) == 0  # the rerun: every stage cached
     rerun = capsys.readouterr().out
     planned = Demo(DemoConfig(output=str(out), quick=True)).plan()
