@@ -27,6 +27,6 @@ fi
 echo "[2/3] installing $TORCH_SPEC first (the CPU build here)"
 install "$TORCH_SPEC"
 echo "[3/3] installing the project and its dependencies (transformers, diffusers, accelerate, datasets, ray, eval metrics, ...)"
-install -e ".[dev,ray,eval]"
+install -e ".[dev,ray,eval,serve]"
 .venv/bin/python -c "import torch, transformers; print(f'ready: torch {torch.__version__}, transformers {transformers.__version__}')"
 touch .venv/.installed

@@ -40,6 +40,7 @@ from PIL import Image
 from mpm.core.config import parse_yaml
 from mpm.core.errors import ConfigError
 from mpm.core.images import open_image
+from mpm.decoding import positions
 from mpm.inference import Request, placed
 from mpm.processor import MPMProcessor
 
@@ -209,8 +210,3 @@ def next_token_logits(model, processor, requests: list[Request]) -> torch.Tensor
             processor.tokenizer.padding_side = side
         out = model(**inputs, position_ids=positions(inputs["attention_mask"]), logits_to_keep=1)
     return out.logits[:, -1]
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) position ids 0, 1, ... from each row's first real token (padding: 0), as generation counts them."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)

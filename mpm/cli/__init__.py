@@ -1,7 +1,7 @@
 """The `mpm` command line: the only place in the project that parses arguments; nothing imports it.
 
 One module per command group registers its subcommands (demo, data, unimm, train, align, chat, paint, eval,
-export). Every command takes `--config FILE.yaml`, its flags (each sets one config key) and dotted `key=value`
+export, serve). Every command takes `--config FILE.yaml`, its flags (each sets one config key) and dotted `key=value`
 overrides (mpm/cli/options.py).
 Modules import the library lazily, inside the commands, so `mpm --help` does not load torch.
 
@@ -15,10 +15,10 @@ import argparse
 import logging
 import sys
 
-from mpm.cli import align, chat, data, demo, eval, export, paint, train, unimm
+from mpm.cli import align, chat, data, demo, eval, export, paint, serve, train, unimm
 from mpm.cli.options import run_command
 
-GROUPS = [demo, data, unimm, train, align, chat, paint, eval, export]
+GROUPS = [demo, data, unimm, train, align, chat, paint, eval, export, serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mpm-toolkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (INFO level)")
     groups = parser.add_subparsers(
-        dest="group", required=True, metavar="{demo,data,unimm,train,align,chat,paint,eval,export}"
+        dest="group", required=True, metavar="{demo,data,unimm,train,align,chat,paint,eval,export,serve}"
     )
     for group in GROUPS:
         group.register(groups)

@@ -1,0 +1,176 @@
+"""The OpenAI-compatible HTTP API of `mpm serve` (FastAPI; uvicorn runs it: mpm/cli/serve.py).
+
+    GET  /health                  {"status": "ok", "batches", "requests", "active", "queued", "largest_batch", ...}
+    GET  /v1/models               the chat model and the paint model, by name
+    POST /v1/chat/completions     OpenAI's chat schema; `stream: true` answers with server-sent events
+    POST /v1/images/generations   a prompt in any language -> `n` PNGs as b64_json
+
+Every error is OpenAI's {"error": {"message", "type", "param", "code"}}: 400 names the field, 401 without the API
+key (when the server has one), 404 for an unknown model, 503 with Retry-After when the queue is full. A client that
+disconnects cancels its request (its rows stop decoding; the engine's active count goes back down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from mpm.decoding import prompt_ids
+from mpm.inference import image_marker
+from mpm.serve.engine import Engine, Job, QueueFull
+from mpm.serve.protocol import Limits, ServeError, chat_job, paint_job
+
+POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
+
+
+def create_app(engine: Engine, model_name: str | None, paint_name: str | None = None, api_key: str | None = None,
+               limits: Limits | None = None, context_length: int | None = None) -> FastAPI:  # fmt: skip
+    limits = limits or Limits()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.stop)  # after uvicorn has finished the open requests
+
+    app = FastAPI(title="mpm serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine = engine
+
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, exc: ServeError):
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    def authorise(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise ServeError(401, "a valid API key is required (Authorization: Bearer KEY)", None,
+                             "authentication_error")  # fmt: skip
+
+    async def body_of(request: Request):
+        try:
+            return json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ServeError(400, f"the body is not valid JSON ({exc})") from None
+
+    def submit(work, request: Request) -> Job:
+        job = Job(work, asyncio.get_running_loop())
+        try:
+            engine.submit(job)
+        except QueueFull:
+            raise ServeError(
+                503, "the server is busy (its queue is full): retry shortly", None, "server_busy"
+            ) from None
+        return job
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "paint_model": paint_name, **engine.stats()}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorise(request)
+        now = int(time.time())
+        names = [n for n in (model_name, paint_name) if n]
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": "mpm"}
+                                           for n in names]}  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        authorise(request)
+        body = await body_of(request)
+        if model_name is None:
+            raise ServeError(404, "this server has no chat model (start it with --model)", "model", "not_found_error")
+        work = chat_job(body, model_name, image_marker(engine.processor), limits)
+        prompt = len(await asyncio.to_thread(prompt_ids, engine.processor, work.request))
+        if context_length and prompt + work.sampling.max_new_tokens > context_length:
+            raise ServeError(400, f"the prompt is {prompt} tokens (images included); with max_tokens "
+                                  f"{work.sampling.max_new_tokens} that is over the model's context length "
+                                  f"{context_length}", "messages")  # fmt: skip
+        job = submit(work, request)
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if work.stream:
+            return StreamingResponse(_sse(job, ident, created, model_name, prompt), media_type="text/event-stream")
+        choices = [{"index": i, "message": {"role": "assistant", "content": ""}, "finish_reason": None}
+                   for i in range(work.n)]  # fmt: skip
+        while True:
+            event = await _next_event(job, request)
+            if event[0] == "finish":
+                _, index, reason, _, text = event
+                choices[index]["message"]["content"] = text
+                choices[index]["finish_reason"] = reason
+            elif event[0] == "done":
+                usage = {"prompt_tokens": prompt * work.n, "completion_tokens": event[1]["completion_tokens"]}
+                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                return {"id": ident, "object": "chat.completion", "created": created, "model": model_name,
+                        "choices": choices, "usage": usage}  # fmt: skip
+            elif event[0] == "error":
+                raise ServeError(500, f"generation failed: {event[1]}", None, "server_error")
+
+    @app.post("/v1/images/generations")
+    async def images(request: Request):
+        authorise(request)
+        body = await body_of(request)
+        if paint_name is None:
+            raise ServeError(404, "this server has no paint model (start it with --paint-model)", "model",
+                             "not_found_error")  # fmt: skip
+        job = submit(paint_job(body, paint_name, limits), request)
+        event = await _next_event(job, request)
+        if event[0] == "error":
+            raise ServeError(500, f"painting failed: {event[1]}", None, "server_error")
+        return {"created": int(time.time()), "data": [{"b64_json": base64.b64encode(png).decode()}
+                                                      for png in event[1]]}  # fmt: skip
+
+    return app
+
+
+async def _next_event(job: Job, request: Request):
+    """The job's next event; if its client disconnects meanwhile, the job is cancelled."""
+    while True:
+        try:
+            return await asyncio.wait_for(job.events.get(), POLL_S)
+        except TimeoutError:
+            if await request.is_disconnected():
+                job.cancel()
+                raise asyncio.CancelledError from None
+
+
+async def _sse(job: Job, ident: str, created: int, model: str, prompt: int) -> AsyncIterator[str]:
+    """Server-sent events: a role chunk per choice, content deltas as they come, a finish chunk per choice, [DONE]."""
+
+    def chunk(index: int, delta: dict, finish: str | None = None) -> str:
+        data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    started: set[int] = set()
+    try:
+        while True:
+            event = await job.events.get()
+            if event[0] in ("delta", "finish") and event[1] not in started:
+                started.add(event[1])
+                yield chunk(event[1], {"role": "assistant", "content": ""})
+            if event[0] == "delta":
+                yield chunk(event[1], {"content": event[2]})
+            elif event[0] == "finish":
+                yield chunk(event[1], {}, event[2])
+            elif event[0] == "done":
+                yield "data: [DONE]\n\n"
+                return
+            elif event[0] == "error":
+                error = {"error": {"message": f"generation failed: {event[1]}", "type": "server_error"}}
+                yield f"data: {json.dumps(error)}\n\n"
+                return
+    finally:  # the client went away (the response is cancelled) or the stream ended: either way nothing more runs
+        job.cancel()
