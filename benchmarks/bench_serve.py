@@ -101,18 +101,19 @@ def summary(seconds: float, latencies: list[float], tokens: int, n: int) -> dict
 
 
 def main() -> None:
+    from mpm.serve.server import ServeConfig, ThreadedServer, build_app
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-batch", type=int, default=ServeConfig.max_batch, help="the server's --max-batch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     folder = save_model()
     items = requests(args.requests)
 
-    from mpm.serve.server import ServeConfig, ThreadedServer, build_app
-
-    running = ThreadedServer(build_app(ServeConfig(model=str(folder))))
+    running = ThreadedServer(build_app(ServeConfig(model=str(folder), max_batch=args.max_batch)))
     try:
         served(running.url, items[:4], args.max_tokens, 4)  # warm-up
         results = {"sequential": sequential(folder, items, args.max_tokens)}

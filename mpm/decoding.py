@@ -28,6 +28,7 @@ import torch
 
 from mpm.core.images import open_image
 from mpm.inference import Request, placed, stop_tokens
+from mpm.processor import Encoded
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,13 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def prompt_ids(processor, request: Request) -> list[int]:
-    """The prompt's token ids as `decode` feeds them (image placeholders expanded): for length limits."""
+def encode(processor, request: Request) -> Encoded:
+    """A request as `decode` feeds it: images opened and placed, the prompt tokenized with the placeholders
+    expanded and the pixels made. A server does this once per request, off the decoding thread (its length is
+    what the context check reads)."""
     request = placed(request, processor)
     images = [open_image(i) for i in request.images]
-    return processor.encode_prompt(request.prompt if request.prompt is not None else request.messages, images).input_ids
+    return processor.encode_prompt(request.prompt if request.prompt is not None else request.messages, images)
 
 
 def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
@@ -70,15 +73,14 @@ def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator |
 
 
 @torch.no_grad()
-def decode(model, processor, requests: Sequence[Request], samplings: Sequence[Sampling],
+def decode(model, processor, requests: Sequence[Request | Encoded], samplings: Sequence[Sampling],
            cancelled: Callable[[int], bool] = lambda row: False) -> Iterator[list[Token]]:  # fmt: skip
-    """Decode the rows of `requests` together, one step at a time (module docstring)."""
+    """Decode the rows of `requests` (Requests, or what `encode` made of them) together, one step at a time (module
+    docstring)."""
     if len(requests) != len(samplings) or not requests:
         raise ValueError(f"one Sampling per request, and at least one: got {len(requests)} and {len(samplings)}")
     device = next(model.parameters()).device
-    requests = [placed(r, processor) for r in requests]
-    encoded = [processor.encode_prompt(r.prompt if r.prompt is not None else r.messages,
-                                       [open_image(i) for i in r.images]) for r in requests]  # fmt: skip
+    encoded = [r if isinstance(r, Encoded) else encode(processor, r) for r in requests]
     inputs = processor.collate(encoded, padding_side="left")
     pixels = inputs["pixel_values"]
     if pixels is not None:

@@ -17,8 +17,19 @@ from mpm.modeling import MPMForConditionalGeneration
 from mpm.processor import PLAIN_CHAT_TEMPLATE, MPMProcessor, end_of_turn_ids
 
 
-def load_model(path: str | os.PathLike, device: str = "auto", dtype=None, trust_remote_code: bool = False):
-    """(model, processor) from an MPM checkpoint or a LLaVA one (exported by `mpm export llava`, or native)."""
+def load_model(
+    path: str | os.PathLike,
+    device: str = "auto",
+    dtype=None,
+    trust_remote_code: bool = False,
+    quantize: str | None = None,
+):
+    """(model, processor) from an MPM checkpoint or a LLaVA one (exported by `mpm export llava`, or native).
+    `quantize`: "int8" or "int4" stores the LLM's Linear weights quantised (mpm.quantize.quantize_model)."""
+    if quantize is not None:
+        from mpm.quantize import check_mode
+
+        check_mode(quantize)  # an unknown mode or a missing library fails before the model loads
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -43,7 +54,12 @@ def load_model(path: str | os.PathLike, device: str = "auto", dtype=None, trust_
         raise ModelLoadError(
             f"{path} holds a {model_type!r} model, not an MPM ('mpm') or LLaVA ('llava') image-to-text checkpoint"
         )
-    return model.to(device).eval(), processor
+    model = model.to(device).eval()
+    if quantize is not None:
+        from mpm.quantize import quantize_model
+
+        model = quantize_model(model, quantize)
+    return model, processor
 
 
 def pil_image_processor(path):

@@ -19,6 +19,7 @@ class ChatCommand:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 0.9
     device: str = "auto"  # auto | cpu | cuda
+    quantize: str | None = None  # int8 | int4: the LLM's weights quantised (weight-only, mpm.quantize)
     best_of: int = 1  # sample N answers, keep the one with the highest DPO implicit reward (needs `reference`)
     reference: str | None = None  # the model the aligned one started from (best-of-N's reward)
     beta: float = 0.1  # the reward's scale (it does not change which answer wins; shown with the candidates)
@@ -34,6 +35,7 @@ FLAGS = [
     Flag("--temperature", "temperature", float, "0 = greedy (default)"),
     Flag("--top-p", "top_p", float, "nucleus sampling mass when sampling (default: 0.9)"),
     Flag("--device", "device", str, "auto|cpu|cuda (default: auto)"),
+    Flag("--quantize", "quantize", str, "int8|int4: the LLM's weights quantised (weight-only, for CPUs)"),
     Flag(
         "--best-of",
         "best_of",
@@ -64,7 +66,7 @@ def chat_command(cfg: ChatCommand, args) -> int:
         open_image(path)  # a missing or unreadable image is an error before the model loads
     if cfg.best_of > 1:
         return _best_of(cfg)
-    model, processor = load_model(cfg.model, device=cfg.device)
+    model, processor = load_model(cfg.model, device=cfg.device, quantize=cfg.quantize)
     generation = {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.temperature > 0}
     if cfg.temperature > 0:
         generation.update(temperature=cfg.temperature, top_p=cfg.top_p)

@@ -18,6 +18,7 @@ COMMON = [
     Flag("--batch-size", "batch_size", int, "requests generated together"),
     Flag("--max-new-tokens", "max_new_tokens", int, "tokens generated at most per output"),
     Flag("--device", "device", str, "auto|cpu|cuda"),
+    Flag("--quantize", "quantize", str, "int8|int4: the LLM's weights quantised (weight-only)"),
 ]
 
 
@@ -67,6 +68,7 @@ class ChairCommand:
     batch_size: int = 8
     max_new_tokens: int = 256
     device: str = "auto"
+    quantize: str | None = None  # int8 | int4: the LLM's Linear weights quantised (mpm.quantize)
 
 
 def chair_command(cfg: ChairCommand, args) -> int:
@@ -95,7 +97,7 @@ def _describe_images(cfg: ChairCommand, show_progress: bool) -> list[dict]:
     files = files[: cfg.max_images] if cfg.max_images else files
     if not files:
         raise DataError(f"--images {cfg.images}: no .jpg / .png image in it")
-    model, processor = load_model(cfg.model, device=cfg.device)
+    model, processor = load_model(cfg.model, device=cfg.device, quantize=cfg.quantize)
     requests = [Request(images=[str(f)], messages=[{"role": "user", "content": cfg.prompt}]) for f in files]
     answers = generate(model, processor, requests, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                        show_progress=show_progress)  # fmt: skip
@@ -112,6 +114,7 @@ class MmbenchCommand:
     batch_size: int = 8
     max_new_tokens: int = 8
     device: str = "auto"
+    quantize: str | None = None  # int8 | int4: the LLM's Linear weights quantised (mpm.quantize)
 
 
 def mmbench_command(cfg: MmbenchCommand, args) -> int:
@@ -124,7 +127,7 @@ def mmbench_command(cfg: MmbenchCommand, args) -> int:
     langs = parse_langs(",".join(cfg.langs))
     if len(cfg.data) != len(langs):
         raise ConfigError(f"give one --data TSV per language: {len(cfg.data)} files for {len(langs)} languages")
-    model, processor = load_model(cfg.model, device=cfg.device)
+    model, processor = load_model(cfg.model, device=cfg.device, quantize=cfg.quantize)
     results, items = None, []
     for tsv, lang in zip(cfg.data, langs):
         lang_results, lang_items = evaluate_mmbench(model, processor, tsv, lang, cfg.images, cfg.batch_size,

@@ -18,10 +18,12 @@ FLAGS = [
     Flag("--port", "port", int, "port (default: 8000)"),
     Flag("--api-key", "api_key", str, "require this key (Authorization: Bearer KEY); default: $MPM_API_KEY if set"),
     Flag("--device", "device", str, "auto|cpu|cuda (default: auto)"),
-    Flag("--max-batch", "max_batch", int, "rows decoded together (default: 8)"),
+    Flag("--quantize", "quantize", str, "int8|int4: the chat LLM's weights quantised (weight-only, for CPUs)"),
+    Flag("--max-batch", "max_batch", int, "rows decoded together (default: 16)"),
     Flag("--batch-window-ms", "batch_window_ms", float, "how long a request waits for others to batch with (20)"),
     Flag("--queue-size", "queue_size", int, "requests waiting at most; more get 503 (default: 64)"),
     Flag("--allow-local-files", "limits.allow_local_files", "const", "read image_url file paths too", const=True),
+    Flag("--ui", "ui", "const", "also serve a web page at /ui: chat with images, paint from prompts", const=True),
 ]
 
 

@@ -31,6 +31,7 @@ class CaptionEvalConfig:
     batch_size: int = 8
     max_new_tokens: int = 64
     device: str = "auto"
+    quantize: str | None = None  # int8 | int4: the LLM's Linear weights quantised (mpm.quantize)
     min_chars: int = 6
     min_words: int = 3
 
@@ -83,7 +84,7 @@ def evaluate_caption(cfg: CaptionEvalConfig, model=None, processor=None, show_pr
         for name in ("cider", "bleu4"):
             options.setdefault(name, {}).setdefault("tokenizer", cfg.tokenizer)
     scoring = ScoringSettings(cfg.metrics, options, cfg.min_chars, cfg.min_words)
-    generation = GenerationSettings(cfg.batch_size, cfg.max_new_tokens, cfg.device)
+    generation = GenerationSettings(cfg.batch_size, cfg.max_new_tokens, cfg.device, cfg.quantize)
     describe = {"data": cfg.data, "images": cfg.images, "max_images": cfg.max_images,
                 "prompts": {lang: table[lang] for lang in langs}}  # fmt: skip
     return evaluate_generative(

@@ -45,6 +45,7 @@ class GenerationSettings:
     batch_size: int = 8
     max_new_tokens: int = 64
     device: str = "auto"
+    quantize: str | None = None  # int8 | int4: the LLM's Linear weights quantised (mpm.quantize)
 
 
 @dataclass
@@ -196,7 +197,7 @@ def _outputs(items, request_for, images, model_path, predictions, generation, mo
 
     generation = generation or GenerationSettings()
     if model is None:
-        model, processor = load_model(model_path, device=generation.device)
+        model, processor = load_model(model_path, device=generation.device, quantize=generation.quantize)
     ordered = [(lang, item) for lang, lang_items in items.items() for item in lang_items]
     requests, prompts = zip(*[request_for(item, folder) for _, item in ordered]) if ordered else ((), ())
     answers = generate(model, processor, list(requests), max_new_tokens=generation.max_new_tokens,

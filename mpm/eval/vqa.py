@@ -44,6 +44,7 @@ class VqaEvalConfig:
     batch_size: int = 8
     max_new_tokens: int = 16
     device: str = "auto"
+    quantize: str | None = None  # int8 | int4: the LLM's Linear weights quantised (mpm.quantize)
     # fastText cannot tell the language of a one-word answer ("rot", "ja": wrongly labelled): short answers are
     # too short to judge, so VQA fidelity speaks for the longer answers (`fidelity_judged`)
     min_chars: int = 6
@@ -84,7 +85,7 @@ def evaluate_vqa(cfg: VqaEvalConfig, model=None, processor=None, show_progress: 
         items = {lang: lang_items[: cfg.max_questions] for lang, lang_items in items.items()}
     metrics = cfg.metrics or (["vqa_accuracy"] if cfg.annotations else ["exact_match"])
     scoring = ScoringSettings(metrics, cfg.metric_options, cfg.min_chars, cfg.min_words)
-    generation = GenerationSettings(cfg.batch_size, cfg.max_new_tokens, cfg.device)
+    generation = GenerationSettings(cfg.batch_size, cfg.max_new_tokens, cfg.device, cfg.quantize)
     describe = {"data": cfg.data, "annotations": cfg.annotations, "images": cfg.images,
                 "prompts": {lang: templates[lang] for lang in langs}}  # fmt: skip
     return evaluate_generative(

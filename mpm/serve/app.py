@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from mpm.decoding import prompt_ids
+from mpm.decoding import encode
 from mpm.inference import image_marker
 from mpm.serve.engine import Engine, Job, QueueFull
 from mpm.serve.protocol import Limits, ServeError, chat_job, paint_job
@@ -33,7 +33,7 @@ POLL_S = 0.25  # how often a waiting non-streaming request checks that its clien
 
 
 def create_app(engine: Engine, model_name: str | None, paint_name: str | None = None, api_key: str | None = None,
-               limits: Limits | None = None, context_length: int | None = None) -> FastAPI:  # fmt: skip
+               limits: Limits | None = None, context_length: int | None = None, ui: bool = False) -> FastAPI:  # fmt: skip
     limits = limits or Limits()
 
     @asynccontextmanager
@@ -93,7 +93,8 @@ def create_app(engine: Engine, model_name: str | None, paint_name: str | None = 
         if model_name is None:
             raise ServeError(404, "this server has no chat model (start it with --model)", "model", "not_found_error")
         work = chat_job(body, model_name, image_marker(engine.processor), limits)
-        prompt = len(await asyncio.to_thread(prompt_ids, engine.processor, work.request))
+        work.encoded = await asyncio.to_thread(_encode, engine.processor, work.request)
+        prompt = len(work.encoded.input_ids)
         if context_length and prompt + work.sampling.max_new_tokens > context_length:
             raise ServeError(400, f"the prompt is {prompt} tokens (images included); with max_tokens "
                                   f"{work.sampling.max_new_tokens} that is over the model's context length "
@@ -132,7 +133,18 @@ def create_app(engine: Engine, model_name: str | None, paint_name: str | None = 
         return {"created": int(time.time()), "data": [{"b64_json": base64.b64encode(png).decode()}
                                                       for png in event[1]]}  # fmt: skip
 
+    if ui:  # the web page at /ui (mpm/serve/ui.py), calling the routes above
+        from mpm.serve.ui import mount_ui
+
+        mount_ui(app)
     return app
+
+
+def _encode(processor, request):
+    try:
+        return encode(processor, request)
+    except ValueError as exc:  # ProcessingError: e.g. more image markers in the text than images
+        raise ServeError(400, str(exc), "messages") from None
 
 
 async def _next_event(job: Job, request: Request):

@@ -64,7 +64,7 @@ class Job:
 
 
 class Engine:
-    def __init__(self, model=None, processor=None, paint=None, max_batch: int = 8, window_s: float = 0.02,
+    def __init__(self, model=None, processor=None, paint=None, max_batch: int = 16, window_s: float = 0.02,
                  queue_size: int = 64, paint_steps: int = 25, guidance: float = 3.0):  # fmt: skip
         self.model, self.processor, self.paint = model, processor, paint
         self.max_batch, self.window_s = max_batch, window_s
@@ -143,7 +143,7 @@ class Engine:
 
     def _chat(self, jobs: list[Job]) -> None:
         rows = [(job, index) for job in jobs for index in range(job.work.n)]
-        requests = [job.work.request for job, _ in rows]
+        requests = [job.work.encoded or job.work.request for job, _ in rows]  # the n rows share one encoding
         samplings = []
         for job, index in rows:  # choice k of a seeded request samples with seed + k
             s = job.work.sampling

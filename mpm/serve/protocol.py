@@ -55,6 +55,7 @@ class ChatJob:
     stop: list[str]
     stream: bool
     model: str
+    encoded: Any = None  # the request tokenized, with its pixels (mpm.decoding.encode): made once, by the server
 
 
 @dataclass

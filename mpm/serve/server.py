@@ -23,12 +23,14 @@ class ServeConfig:
     paint_name: str | None = None
     api_key: str | None = None  # default: the MPM_API_KEY environment variable; none: no key needed
     device: str = "auto"
-    max_batch: int = 8  # rows decoded together (a request with n = 2 is 2 rows)
+    quantize: str | None = None  # int8 | int4: the chat LLM's weights quantised (weight-only, mpm.quantize)
+    max_batch: int = 16  # rows decoded together (a request with n = 2 is 2 rows)
     batch_window_ms: float = 20.0  # how long the first request of a batch waits for others
     queue_size: int = 64  # requests waiting at most; more are answered 503 with Retry-After
     paint_steps: int = 25
     guidance: float = 3.0
     graceful_timeout_s: int = 60  # on SIGTERM / Ctrl-C: how long running requests get to finish
+    ui: bool = False  # also serve a web page at /ui for chatting and painting (mpm/serve/ui.py)
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self):
@@ -39,20 +41,25 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
-def load_chat_model(folder: str, device: str):
-    """(model, processor): an MPM checkpoint, or a LLaVA one converted to the MPM model it equals."""
+def load_chat_model(folder: str, device: str, quantize: str | None = None):
+    """(model, processor): an MPM checkpoint, or a LLaVA one converted to the MPM model it equals; `quantize` as
+    `mpm.inference.load_model`'s."""
     config = Path(folder) / "config.json"
     if config.is_file() and json.loads(config.read_text()).get("model_type") == "llava":
-        from mpm.export import from_llava
-
-        model, processor = from_llava(folder)
         import torch
 
+        from mpm.export import from_llava
+        from mpm.quantize import check_mode, quantize_model
+
+        if quantize is not None:
+            check_mode(quantize)
+        model, processor = from_llava(folder)
         device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        return model.to(device).eval(), processor
+        model = model.to(device).eval()
+        return (quantize_model(model, quantize) if quantize else model), processor
     from mpm.inference import load_model
 
-    model, processor = load_model(folder, device=device)
+    model, processor = load_model(folder, device=device, quantize=quantize)
     if not hasattr(processor, "encode_prompt"):
         raise ModelLoadError(f"{folder}: not an MPM or LLaVA checkpoint")
     return model, processor
@@ -88,7 +95,7 @@ def build_app(cfg: ServeConfig):
     model = processor = paint = None
     context = None
     if cfg.model:
-        model, processor = load_chat_model(cfg.model, cfg.device)
+        model, processor = load_chat_model(cfg.model, cfg.device, cfg.quantize)
         context = getattr(model.config.text_config, "max_position_embeddings", None)
     if cfg.paint_model:
         paint = load_paint_model(cfg.paint_model, cfg.device)
@@ -99,7 +106,7 @@ def build_app(cfg: ServeConfig):
     if name is not None and name == paint_name:
         raise ConfigError(f"the chat and paint models are both named {name!r}: give --model-name / --paint-name")
     key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
-    return create_app(engine, name, paint_name, key, cfg.limits, context)
+    return create_app(engine, name, paint_name, key, cfg.limits, context, ui=cfg.ui)
 
 
 def serve(cfg: ServeConfig) -> None:
@@ -107,6 +114,8 @@ def serve(cfg: ServeConfig) -> None:
 
     app = build_app(cfg)
     print(f"serving on http://{cfg.host}:{cfg.port}/v1 (OpenAI-compatible; health: /health)", flush=True)
+    if cfg.ui:
+        print(f"web page: http://{cfg.host}:{cfg.port}/ui", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, timeout_graceful_shutdown=cfg.graceful_timeout_s,
                 log_level="warning")  # fmt: skip
 

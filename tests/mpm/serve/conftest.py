@@ -10,8 +10,9 @@ import torch
 
 @pytest.fixture(scope="module")
 def chat_folder(tmp_path_factory):
-    """A tiny MPM model whose stop tokens' embedding rows are zero (tied to the head: their logit is 0 while other
-    tokens' are not), so that its random answers run to max_tokens instead of ending at once: answers to compare."""
+    """A tiny MPM model whose tokens that are not printable on their own (blank, control, a partial UTF-8 byte,
+    special: the stop tokens too) have zero embedding rows, tied to the head (logit 0 while other tokens' are not):
+    its greedy answers are visible text running to max_tokens, and differ between prompts: answers to compare."""
     from mpm.modeling import MPMForConditionalGeneration
     from tests.mpm.conftest import make_tokenizer, text_config, vision_config
 
@@ -19,9 +20,12 @@ def chat_folder(tmp_path_factory):
     tok = make_tokenizer()
     model, processor = MPMForConditionalGeneration.from_parts(vision_config("clip"), text_config("qwen2", len(tok)),
                                                               tokenizer=tok, num_queries=4, image_size=32)  # fmt: skip
+    tokenizer = processor.tokenizer
     with torch.no_grad():
-        for token in ("<|im_end|>", "<|endoftext|>"):
-            model.get_input_embeddings().weight[tok.convert_tokens_to_ids(token)] = 0.0
+        for i in range(len(tokenizer)):
+            text = tokenizer.decode([i], skip_special_tokens=True).strip()
+            if not text or not text.isprintable() or "\ufffd" in text:
+                model.get_input_embeddings().weight[i] = 0.0
     folder = tmp_path_factory.mktemp("serve") / "tiny-chat"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

@@ -51,7 +51,7 @@ def test_chat_plain_and_streaming_with_images_answer_as_generate(chat_folder, se
     assert [m.id for m in c.models.list().data] == ["tiny-chat"]
     reply = c.chat.completions.create(model="tiny-chat", messages=ask("What colour?", RED), max_tokens=12,
                                       temperature=0)  # fmt: skip
-    assert reply.choices[0].message.content == expected(chat_folder, "What colour?", RED)
+    assert reply.choices[0].message.content == expected(chat_folder, "What colour?", RED) != ""
     assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens > 0
     chunks = list(c.chat.completions.create(model="tiny-chat", messages=ask("What colour?", RED), max_tokens=12,
                                             temperature=0, stream=True))  # fmt: skip
@@ -70,6 +70,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(chat_folde
     running = serve_app(model=str(chat_folder), batch_window_ms=300, max_batch=8)
     c = client(running)
     alone = [expected(chat_folder, q, RED if i % 2 else None) for i, q in enumerate(QUESTIONS)]
+    assert all(alone) and len(set(alone)) >= 4  # visible answers, different ones: a mix-up would show
 
     def one(i):
         r = c.chat.completions.create(model="tiny-chat", messages=ask(QUESTIONS[i], RED if i % 2 else None),
