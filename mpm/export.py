@@ -307,6 +307,25 @@ def import_llava(llava_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     return out
 
 
+def load_as_mpm(folder: str | os.PathLike, device: str = "auto", quantize: str | None = None):
+    """(model, processor) as MPM ones whatever the checkpoint: an MPM one loaded, a LLaVA one converted
+    (`from_llava`); `quantize` as `mpm.inference.load_model`'s. For code that needs MPM's processor (scoring answers,
+    the serving decode loop)."""
+    config = Path(folder) / "config.json"
+    if not (config.is_file() and json.loads(config.read_text()).get("model_type") == "llava"):
+        return load_model(folder, device=device, quantize=quantize)
+    import torch
+
+    from mpm.quantize import check_mode, quantize_model
+
+    if quantize is not None:
+        check_mode(quantize)
+    model, processor = from_llava(folder)
+    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    return (quantize_model(model, quantize) if quantize else model), processor
+
+
 def import_llava_once(folder: str | os.PathLike, imported: str | os.PathLike) -> str:
     """`folder` itself when it holds an MPM checkpoint; for a LLaVA one, its MPM conversion in `imported`, made
     once (into a temporary folder renamed into place, so a conversion cut short is never taken for a finished one).

@@ -87,8 +87,10 @@ def _best_of(cfg: ChatCommand) -> int:
                           "checkpoint the aligned one started from)")  # fmt: skip
     if cfg.interactive:
         raise ConfigError("--best-of answers one message: drop --interactive")
-    model, processor = _scoring_model(cfg.model, cfg.device)
-    reference, _ = _scoring_model(cfg.reference, cfg.device)
+    from mpm.export import load_as_mpm  # a LLaVA checkpoint is scored as the MPM model it equals
+
+    model, processor = load_as_mpm(cfg.model, cfg.device, cfg.quantize)
+    reference, _ = load_as_mpm(cfg.reference, cfg.device, cfg.quantize)
     best, candidates = best_of_n(
         model, reference, processor, cfg.prompt, cfg.image, cfg.best_of, cfg.beta, cfg.seed,
         raw_prompt="{question}" if cfg.raw else None, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature or 0.7, top_p=cfg.top_p,
@@ -98,25 +100,6 @@ def _best_of(cfg: ChatCommand) -> int:
         print(f"[{i}] reward {c.reward:+.3f}{kept}: {shown(c.answer)}", file=sys.stderr)  # stdout: the answer
     print(shown(best.answer))
     return 0
-
-
-def _scoring_model(folder: str, device: str):
-    """An MPM model and processor for scoring answers: a LLaVA checkpoint as the MPM model it equals."""
-    import json
-    from pathlib import Path
-
-    from mpm.inference import load_model
-
-    config = Path(folder) / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("model_type") == "llava":
-        import torch
-
-        from mpm.export import from_llava
-
-        model, processor = from_llava(folder)
-        device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        return model.to(device).eval(), processor
-    return load_model(folder, device=device)
 
 
 def register(groups) -> None:

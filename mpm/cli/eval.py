@@ -253,7 +253,7 @@ def register(groups) -> None:
          Flag("--instances", "instances", str, "COCO instances JSON"),
          Flag("--captions", "captions", str, "COCO captions JSON"),
          Flag("--max-images", "max_images", int, "the first N images"),
-         Flag("--device", "device", str, "auto|cpu|cuda"),
+         Flag("--device", "device", str, "auto|cpu|cuda"), Flag("--quantize", "quantize", str, "int8|int4: the LLM's weights quantised (weight-only)"),
          Flag("--output", "output", str, "results folder", short="-o")],
         help="object hallucination of English descriptions: CHAIR_s and CHAIR_i (COCO)",
         epilog="example: mpm eval chair --model runs/i2t/final --images coco/val2014 --max-images 500 "
@@ -264,7 +264,7 @@ def register(groups) -> None:
         commands, "mmbench", mmbench_command, MmbenchCommand,
         [Flag("--model", "model", str, "checkpoint"), Flag("--data", "data", "append", "a TSV per language, in --langs order"),
          Flag("--langs", "langs", "list", "languages of the TSVs"), Flag("--images", "images", str, "image folder"),
-         Flag("--device", "device", str, "auto|cpu|cuda"),
+         Flag("--device", "device", str, "auto|cpu|cuda"), Flag("--quantize", "quantize", str, "int8|int4: the LLM's weights quantised (weight-only)"),
          Flag("--output", "output", str, "results folder", short="-o")],
         help="MMBench-style multiple choice with circular evaluation; en + zh give the transfer ratio",
         epilog="example: mpm eval mmbench --model runs/i2t/final --data mmbench_en.tsv --data mmbench_cn.tsv --langs en,zh -o out/",

@@ -23,6 +23,15 @@ FLAGS = [
     Flag("--batch-window-ms", "batch_window_ms", float, "how long a request waits for others to batch with (20)"),
     Flag("--queue-size", "queue_size", int, "requests waiting at most; more get 503 (default: 64)"),
     Flag("--allow-local-files", "limits.allow_local_files", "const", "read image_url file paths too", const=True),
+    Flag("--max-tokens-limit", "limits.max_tokens", int, "the most max_tokens a request may ask for (default: 1024)"),
+    Flag(
+        "--max-prompt-tokens",
+        "limits.max_prompt_tokens",
+        int,
+        "the longest prompt, images included (default: the model's context length)",
+    ),
+    Flag("--max-image-bytes", "limits.max_image_bytes", int, "an image's largest encoded size (default: 20 MiB)"),
+    Flag("--max-image-pixels", "limits.max_image_pixels", int, "an image's most pixels (default: 4096 x 4096)"),
     Flag("--ui", "ui", "const", "also serve a web page at /ui: chat with images, paint from prompts", const=True),
 ]
 

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -58,14 +59,28 @@ def create_app(engine: Engine, model_name: str | None, paint_name: str | None = 
             raise ServeError(401, "a valid API key is required (Authorization: Bearer KEY)", None,
                              "authentication_error")  # fmt: skip
 
+    # A body holds at most max_images images of max_image_bytes (base64: 4/3 larger) and some text.
+    max_body = limits.max_images * limits.max_image_bytes * 4 // 3 + 2**20
+
     async def body_of(request: Request):
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body:
+            raise ServeError(413, f"the body is {declared} bytes, over the limit of {max_body}")
+        data = bytearray()
+        async for piece in request.stream():  # counted as it comes: a chunked body has no declared length
+            data += piece
+            if len(data) > max_body:
+                raise ServeError(413, f"the body is over the limit of {max_body} bytes")
         try:
-            return json.loads(await request.body())
+            return json.loads(bytes(data))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ServeError(400, f"the body is not valid JSON ({exc})") from None
 
     def submit(work, request: Request) -> Job:
         job = Job(work, asyncio.get_running_loop())
+        if not engine.running():
+            raise ServeError(503, "the server is stopping (or its worker failed): retry elsewhere", None,
+                             "server_unavailable")  # fmt: skip
         try:
             engine.submit(job)
         except QueueFull:
@@ -76,7 +91,10 @@ def create_app(engine: Engine, model_name: str | None, paint_name: str | None = 
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "paint_model": paint_name, **engine.stats()}
+        ok = engine.running()
+        body = {"status": "ok" if ok else "unavailable", "model": model_name, "paint_model": paint_name,
+                **engine.stats()}  # fmt: skip
+        return body if ok else JSONResponse(body, status_code=503)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -92,17 +110,26 @@ def create_app(engine: Engine, model_name: str | None, paint_name: str | None = 
         body = await body_of(request)
         if model_name is None:
             raise ServeError(404, "this server has no chat model (start it with --model)", "model", "not_found_error")
-        work = chat_job(body, model_name, image_marker(engine.processor), limits)
+        # decoding images and tokenizing: off the event loop (other streams go on meanwhile)
+        work = await asyncio.to_thread(chat_job, body, model_name, image_marker(engine.processor), limits)
         work.encoded = await asyncio.to_thread(_encode, engine.processor, work.request)
         prompt = len(work.encoded.input_ids)
-        if context_length and prompt + work.sampling.max_new_tokens > context_length:
-            raise ServeError(400, f"the prompt is {prompt} tokens (images included); with max_tokens "
-                                  f"{work.sampling.max_new_tokens} that is over the model's context length "
-                                  f"{context_length}", "messages")  # fmt: skip
+        if limits.max_prompt_tokens and prompt > limits.max_prompt_tokens:
+            raise ServeError(400, f"the prompt is {prompt} tokens (images included), over the limit of "
+                                  f"{limits.max_prompt_tokens}", "messages")  # fmt: skip
+        if context_length:
+            room = context_length - prompt
+            if not work.max_tokens_given and 0 < room < work.sampling.max_new_tokens:
+                work.sampling = replace(work.sampling, max_new_tokens=room)  # the default fits what is left
+            elif prompt + work.sampling.max_new_tokens > context_length:
+                raise ServeError(400, f"the prompt is {prompt} tokens (images included); with max_tokens "
+                                      f"{work.sampling.max_new_tokens} that is over the model's context length "
+                                      f"{context_length}", "messages")  # fmt: skip
         job = submit(work, request)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if work.stream:
-            return StreamingResponse(_sse(job, ident, created, model_name, prompt), media_type="text/event-stream")
+            return StreamingResponse(_sse(job, ident, created, model_name, prompt, work.include_usage),
+                                     media_type="text/event-stream")  # fmt: skip
         choices = [{"index": i, "message": {"role": "assistant", "content": ""}, "finish_reason": None}
                    for i in range(work.n)]  # fmt: skip
         while True:
@@ -112,8 +139,7 @@ def create_app(engine: Engine, model_name: str | None, paint_name: str | None = 
                 choices[index]["message"]["content"] = text
                 choices[index]["finish_reason"] = reason
             elif event[0] == "done":
-                usage = {"prompt_tokens": prompt * work.n, "completion_tokens": event[1]["completion_tokens"]}
-                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                usage = _usage(prompt, event[1]["completion_tokens"])
                 return {"id": ident, "object": "chat.completion", "created": created, "model": model_name,
                         "choices": choices, "usage": usage}  # fmt: skip
             elif event[0] == "error":
@@ -147,18 +173,28 @@ def _encode(processor, request):
         raise ServeError(400, str(exc), "messages") from None
 
 
+def _usage(prompt: int, completion: int) -> dict:
+    """OpenAI counts the prompt once, whatever n is."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 async def _next_event(job: Job, request: Request):
-    """The job's next event; if its client disconnects meanwhile, the job is cancelled."""
+    """The job's next event; if its client disconnects meanwhile, the job is cancelled (checked every POLL_S
+    however many events arrive)."""
+    checked = time.monotonic()
     while True:
+        if time.monotonic() - checked >= POLL_S:
+            checked = time.monotonic()
+            if await request.is_disconnected():
+                job.cancel()
+                raise asyncio.CancelledError
         try:
             return await asyncio.wait_for(job.events.get(), POLL_S)
         except TimeoutError:
-            if await request.is_disconnected():
-                job.cancel()
-                raise asyncio.CancelledError from None
+            continue
 
 
-async def _sse(job: Job, ident: str, created: int, model: str, prompt: int) -> AsyncIterator[str]:
+async def _sse(job: Job, ident: str, created: int, model: str, prompt: int, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events: a role chunk per choice, content deltas as they come, a finish chunk per choice, [DONE]."""
 
     def chunk(index: int, delta: dict, finish: str | None = None) -> str:
@@ -178,6 +214,10 @@ async def _sse(job: Job, ident: str, created: int, model: str, prompt: int) -> A
             elif event[0] == "finish":
                 yield chunk(event[1], {}, event[2])
             elif event[0] == "done":
+                if include_usage:  # stream_options.include_usage: a last chunk with the usage and no choices
+                    data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                            "choices": [], "usage": _usage(prompt, event[1]["completion_tokens"])}  # fmt: skip
+                    yield f"data: {json.dumps(data)}\n\n"
                 yield "data: [DONE]\n\n"
                 return
             elif event[0] == "error":

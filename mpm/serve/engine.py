@@ -19,6 +19,7 @@ running), rows in the largest batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import queue
@@ -57,7 +58,8 @@ class Job:
         return self.work.n if self.kind == "chat" else 1
 
     def emit(self, *event: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        with contextlib.suppress(RuntimeError):  # the server's loop is closed (shutting down): nobody is waiting
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -84,6 +86,10 @@ class Engine:
         """Finish what is queued and running, then stop the worker."""
         self.stopping.set()
         self.thread.join(timeout)
+
+    def running(self) -> bool:
+        """False once stopping, or when the worker died (a bug): requests are then refused, not queued forever."""
+        return self.thread.is_alive() and not self.stopping.is_set()
 
     def submit(self, job: Job) -> None:
         with self.lock:
@@ -157,14 +163,14 @@ class Engine:
                 if token.id is not None:
                     made[token.row] += 1
                     delta = streams[token.row].add(token.id)
-                    if delta:
+                    if delta and job.work.stream:  # a non-streaming request gets its text once, at the finish
                         job.emit("delta", index, delta)
                 if token.finish or streams[token.row].stopped:
                     if finished[token.row]:
                         continue
                     finished[token.row] = True
                     tail = streams[token.row].add(None)
-                    if tail:
+                    if tail and job.work.stream:
                         job.emit("delta", index, tail)
                     reason = "stop" if token.finish in ("stop", None) or streams[token.row].stopped else token.finish
                     job.emit("finish", index, reason, made[token.row], without_reasoning(streams[token.row].sent))
@@ -177,12 +183,23 @@ class Engine:
         return rows[row][0].cancelled.is_set() or streams[row].stopped
 
     def _paint(self, jobs: list[Job]) -> None:
+        """One pipeline call per request; a request whose client left meanwhile is skipped, and one that fails
+        fails alone."""
         for job in jobs:
+            if job.cancelled.is_set():
+                continue
             w: PaintJob = job.work
-            generator = torch.Generator().manual_seed(w.seed) if w.seed is not None else None
-            images = self.paint(w.prompt, num_images_per_prompt=w.n, height=w.height, width=w.width,
-                                num_inference_steps=self.paint_steps, guidance_scale=self.guidance,
-                                generator=generator).images  # fmt: skip
+            try:
+                generator = torch.Generator().manual_seed(w.seed) if w.seed is not None else None
+                images = self.paint(w.prompt, num_images_per_prompt=w.n, height=w.height, width=w.width,
+                                    num_inference_steps=self.paint_steps, guidance_scale=self.guidance,
+                                    generator=generator).images  # fmt: skip
+            except Exception as exc:
+                logger.exception("a paint request failed")
+                with self.lock:
+                    self.counts["errors"] += 1
+                job.emit("error", f"{type(exc).__name__}: {exc}")
+                continue
             encoded = []
             for image in images:
                 buffer = io.BytesIO()

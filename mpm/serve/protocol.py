@@ -1,7 +1,9 @@
 """The OpenAI request bodies `mpm serve` accepts, checked into jobs; every problem is a `ServeError` naming the field.
 
-chat      {"model", "messages": [{"role": "system" | "user" | "assistant", "content": str | [parts]}],
-           "max_tokens" (or "max_completion_tokens"), "temperature", "top_p", "stop", "seed", "n", "stream"}
+chat      {"model", "messages": [{"role": "system" | "developer" | "user" | "assistant", "content": str |
+           [parts]}], "max_tokens" (or "max_completion_tokens"), "temperature", "top_p", "stop", "seed", "n",
+           "stream", "stream_options": {"include_usage"}}; what the server cannot do (tools, logprobs, a JSON
+           response format, penalties) is refused with the field named rather than ignored
           parts: {"type": "text", "text"} and {"type": "image_url", "image_url": {"url"}} where the url is a
           data URL (data:image/png;base64,...) or, with --allow-local-files, a file path (file:///x.png or
           /x.png); the image goes where its part is (the model's image marker), images in message order
@@ -38,6 +40,7 @@ class ServeError(Exception):
 @dataclass
 class Limits:
     max_tokens: int = 1024  # the most a request may ask for
+    max_prompt_tokens: int | None = None  # the longest prompt, images included (None: the context length decides)
     default_max_tokens: int = 256
     max_n: int = 8
     max_image_bytes: int = 20 * 2**20
@@ -55,6 +58,8 @@ class ChatJob:
     stop: list[str]
     stream: bool
     model: str
+    max_tokens_given: bool = False  # False: the default, lowered to what the context has room for
+    include_usage: bool = False  # stream_options.include_usage: a last streamed chunk with the usage
     encoded: Any = None  # the request tokenized, with its pixels (mpm.decoding.encode): made once, by the server
 
 
@@ -126,14 +131,15 @@ def chat_job(body: Any, model_name: str, marker: str, limits: Limits) -> ChatJob
     if not isinstance(body, dict):
         raise ServeError(400, "the body must be a JSON object")
     _model(body, model_name)
+    _unsupported(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ServeError(400, "'messages' must be a non-empty list of messages", "messages")
     turns, images = [], []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-            raise ServeError(400, f"{where} needs a role of system, user or assistant", f"{where}.role")
+        if not isinstance(message, dict) or message.get("role") not in ("system", "developer", "user", "assistant"):
+            raise ServeError(400, f"{where} needs a role of system, developer, user or assistant", f"{where}.role")
         content = message.get("content")
         if isinstance(content, str):
             text = content
@@ -156,7 +162,8 @@ def chat_job(body: Any, model_name: str, marker: str, limits: Limits) -> ChatJob
             text = "".join(pieces)
         else:
             raise ServeError(400, f"{where}.content must be a string or a list of parts", f"{where}.content")
-        turns.append({"role": message["role"], "content": text})
+        role = "system" if message["role"] == "developer" else message["role"]  # OpenAI's newer name for system
+        turns.append({"role": role, "content": text})
     if not any(t["role"] == "user" for t in turns):
         raise ServeError(400, "'messages' has no user message", "messages")
     if turns[-1]["role"] == "assistant":
@@ -176,8 +183,12 @@ def chat_job(body: Any, model_name: str, marker: str, limits: Limits) -> ChatJob
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ServeError(400, "'stream' must be true or false", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ServeError(400, "'stream_options' must be an object", "stream_options")
     sampling = Sampling(max_tokens, float(temperature), float(top_p), seed)
-    return ChatJob(Request(images, messages=turns), sampling, n, stop, stream, model_name)
+    return ChatJob(Request(images, messages=turns), sampling, n, stop, stream, model_name,
+                   max_tokens_given=body.get(key) is not None, include_usage=bool(options.get("include_usage")))  # fmt: skip
 
 
 def paint_job(body: Any, model_name: str, limits: Limits) -> PaintJob:
@@ -207,6 +218,24 @@ def paint_job(body: Any, model_name: str, limits: Limits) -> PaintJob:
                              "size")  # fmt: skip
     seed = _number(body, "seed", int, 0, 2**63 - 1, None)
     return PaintJob(prompt, n, width, height, seed, model_name)
+
+
+def _unsupported(body: dict) -> None:
+    """Options the server cannot honour are refused, naming them (a client relying on them must know)."""
+    for key in ("tools", "functions", "tool_choice", "function_call"):
+        if body.get(key):
+            raise ServeError(400, f"'{key}': tool calling is not supported by this server", key)
+    if body.get("logprobs") or body.get("top_logprobs"):
+        key = "logprobs" if body.get("logprobs") else "top_logprobs"
+        raise ServeError(400, f"'{key}' is not supported by this server", key)
+    fmt = body.get("response_format")
+    if fmt not in (None, {"type": "text"}):
+        raise ServeError(400, '\'response_format\': only plain text answers ({"type": "text"})', "response_format")
+    for key in ("frequency_penalty", "presence_penalty"):
+        if body.get(key) not in (None, 0, 0.0):
+            raise ServeError(400, f"'{key}' is not supported by this server (send 0 or leave it out)", key)
+    if body.get("logit_bias"):
+        raise ServeError(400, "'logit_bias' is not supported by this server", "logit_bias")
 
 
 def _model(body: dict, name: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,24 +41,11 @@ class ServeConfig:
 
 
 def load_chat_model(folder: str, device: str, quantize: str | None = None):
-    """(model, processor): an MPM checkpoint, or a LLaVA one converted to the MPM model it equals; `quantize` as
-    `mpm.inference.load_model`'s."""
-    config = Path(folder) / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("model_type") == "llava":
-        import torch
+    """(model, processor): an MPM checkpoint, or a LLaVA one converted to the MPM model it equals (the decode loop
+    reads MPM's processor); `quantize` as `mpm.inference.load_model`'s."""
+    from mpm.export import load_as_mpm
 
-        from mpm.export import from_llava
-        from mpm.quantize import check_mode, quantize_model
-
-        if quantize is not None:
-            check_mode(quantize)
-        model, processor = from_llava(folder)
-        device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        model = model.to(device).eval()
-        return (quantize_model(model, quantize) if quantize else model), processor
-    from mpm.inference import load_model
-
-    model, processor = load_model(folder, device=device, quantize=quantize)
+    model, processor = load_as_mpm(folder, device, quantize)
     if not hasattr(processor, "encode_prompt"):
         raise ModelLoadError(f"{folder}: not an MPM or LLaVA checkpoint")
     return model, processor

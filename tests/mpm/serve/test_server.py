@@ -261,3 +261,54 @@ def test_sigterm_during_a_request_still_answers_it(chat_folder, tmp_path):
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_a_non_streaming_client_that_leaves_frees_the_worker(chat_folder, serve_app):
+    running = serve_app(model=str(chat_folder))
+    slow(running, 0.05)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{running.url}/chat/completions", timeout=0.5,
+                   json={"messages": ask("Describe it."), "max_tokens": 200, "temperature": 0})  # fmt: skip
+    deadline = time.monotonic() + 3  # 200 tokens would take over 10 s: cancelled long before
+    while httpx.get(f"{running.base}/health").json()["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(f"{running.base}/health").json()["active"] == 0
+
+
+def test_stop_strings_n_choices_usage_and_roles_as_the_openai_client_reads_them(chat_folder, serve_app, tmp_path):
+    from mpm.serve.protocol import Limits
+
+    running = serve_app(model=str(chat_folder), limits=Limits(allow_local_files=True, max_image_bytes=2000))
+    c = client(running)
+    full = c.chat.completions.create(model="tiny-chat", messages=ask("Describe it."), max_tokens=12, temperature=0)
+    text = full.choices[0].message.content
+    cut = c.chat.completions.create(model="tiny-chat", messages=ask("Describe it."), max_tokens=12, temperature=0,
+                                    stop=[text[3:5]])  # fmt: skip
+    assert cut.choices[0].message.content == text[: text.index(text[3:5])] and cut.choices[0].finish_reason == "stop"
+    chunks = list(c.chat.completions.create(model="tiny-chat", messages=ask("Describe it."), max_tokens=6, n=2,
+                                            temperature=1.0, seed=1, stream=True,
+                                            stream_options={"include_usage": True}))  # fmt: skip
+    by_choice = {0: "", 1: ""}
+    for ch in chunks[:-1]:
+        for choice in ch.choices:
+            by_choice[choice.index] += choice.delta.content or ""
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12  # 2 choices x 6 tokens
+    plain = c.chat.completions.create(model="tiny-chat", messages=ask("Describe it."), max_tokens=6, n=2,
+                                      temperature=1.0, seed=1)  # fmt: skip
+    assert [by_choice[0].strip(), by_choice[1].strip()] == [ch.message.content for ch in plain.choices]
+    assert plain.usage.prompt_tokens == full.usage.prompt_tokens  # the prompt counted once, whatever n
+    developer = [{"role": "developer", "content": "Be brief."}, *ask("Describe it.")]
+    assert c.chat.completions.create(model="tiny-chat", messages=developer, max_tokens=2).choices
+    RED.save(tmp_path / "red.png")  # a local path is read with --allow-local-files
+    local = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(tmp_path / "red.png")}},
+                                          {"type": "text", "text": "What colour?"}]}]  # fmt: skip
+    assert c.chat.completions.create(model="tiny-chat", messages=local, max_tokens=12, temperature=0).choices[
+        0].message.content == expected(chat_folder, "What colour?", RED)  # fmt: skip
+    big = Image.effect_noise((40, 40), 100).convert("RGB")  # noise: its PNG is far over 2,000 bytes
+    with pytest.raises(openai.BadRequestError, match="over 2000 bytes"):
+        c.chat.completions.create(model="tiny-chat", messages=ask("hi", big))
+    with pytest.raises(openai.BadRequestError, match="tool calling"):
+        c.chat.completions.create(model="tiny-chat", messages=ask("hi"), tools=[{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "properties": {}}}}])  # fmt: skip
+    r = httpx.post(f"{running.url}/chat/completions", content=b"x" * (10 * 2**20), timeout=30)
+    assert r.status_code == 413
