@@ -14,6 +14,13 @@ FLAGS = [
         "the chat model's name for clients (default: its folder's, or its run's for a final/ folder)",
     ),
     Flag("--paint-name", "paint_name", str, "the paint model's name for clients (default: as --model-name)"),
+    Flag(
+        "--raw-prompt",
+        "raw_prompt",
+        str,
+        "a model trained on raw prompts: the template, {question} for the last "
+        "user message (e.g. the demo's '<ctx><image> </ctx> {question}')",
+    ),
     Flag("--host", "host", str, "address to listen on (default: 127.0.0.1)"),
     Flag("--port", "port", int, "port (default: 8000)"),
     Flag("--api-key", "api_key", str, "require this key (Authorization: Bearer KEY); default: $MPM_API_KEY if set"),

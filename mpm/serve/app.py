@@ -28,13 +28,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from mpm.decoding import encode
 from mpm.inference import image_marker
 from mpm.serve.engine import Engine, Job, QueueFull
-from mpm.serve.protocol import Limits, ServeError, chat_job, paint_job
+from mpm.serve.protocol import Limits, ServeError, chat_job, paint_job, raw_request
 
 POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
 
 
 def create_app(engine: Engine, model_name: str | None, paint_name: str | None = None, api_key: str | None = None,
-               limits: Limits | None = None, context_length: int | None = None, ui: bool = False) -> FastAPI:  # fmt: skip
+               limits: Limits | None = None, context_length: int | None = None, ui: bool = False,
+               raw_prompt: str | None = None) -> FastAPI:  # fmt: skip
     limits = limits or Limits()
 
     @asynccontextmanager
@@ -112,6 +113,8 @@ def create_app(engine: Engine, model_name: str | None, paint_name: str | None = 
             raise ServeError(404, "this server has no chat model (start it with --model)", "model", "not_found_error")
         # decoding images and tokenizing: off the event loop (other streams go on meanwhile)
         work = await asyncio.to_thread(chat_job, body, model_name, image_marker(engine.processor), limits)
+        if raw_prompt is not None:
+            work.request = raw_request(work.request, raw_prompt, image_marker(engine.processor))
         work.encoded = await asyncio.to_thread(_encode, engine.processor, work.request)
         prompt = len(work.encoded.input_ids)
         if limits.max_prompt_tokens and prompt > limits.max_prompt_tokens:

@@ -191,6 +191,14 @@ def chat_job(body: Any, model_name: str, marker: str, limits: Limits) -> ChatJob
                    max_tokens_given=body.get(key) is not None, include_usage=bool(options.get("include_usage")))  # fmt: skip
 
 
+def raw_request(request: Request, raw_prompt: str, marker: str) -> Request:
+    """The request for a model trained on raw prompts: the last user message's text (its image markers taken out)
+    where `{question}` is in `raw_prompt`; the images go where the template's markers are (else first)."""
+    last = next(m for m in reversed(request.messages) if m["role"] == "user")
+    question = " ".join(last["content"].replace(marker, " ").split())
+    return Request(request.images, prompt=raw_prompt.replace("{question}", question))
+
+
 def paint_job(body: Any, model_name: str, limits: Limits) -> PaintJob:
     if not isinstance(body, dict):
         raise ServeError(400, "the body must be a JSON object")

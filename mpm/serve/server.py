@@ -19,6 +19,9 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     model_name: str | None = None  # the name clients ask for (default: the folder's name)
+    # A chat model trained on raw prompts (no chat template, as the miniature world's): the last user message's
+    # text goes where `{question}` is (its images where `<image>` is); earlier turns are not part of such a prompt.
+    raw_prompt: str | None = None
     paint_name: str | None = None
     api_key: str | None = None  # default: the MPM_API_KEY environment variable; none: no key needed
     device: str = "auto"
@@ -35,6 +38,8 @@ class ServeConfig:
     def __post_init__(self):
         if not self.model and not self.paint_model:
             raise ConfigError("give a model to serve: --model DIR (chat) and/or --paint-model DIR (images)")
+        if self.raw_prompt is not None and "{question}" not in self.raw_prompt:
+            raise ConfigError(f"--raw-prompt {self.raw_prompt!r} has no {{question}}: put it where the question goes")
         for name in ("max_batch", "queue_size", "paint_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -92,7 +97,7 @@ def build_app(cfg: ServeConfig):
     if name is not None and name == paint_name:
         raise ConfigError(f"the chat and paint models are both named {name!r}: give --model-name / --paint-name")
     key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
-    return create_app(engine, name, paint_name, key, cfg.limits, context, ui=cfg.ui)
+    return create_app(engine, name, paint_name, key, cfg.limits, context, raw_prompt=cfg.raw_prompt, ui=cfg.ui)
 
 
 def serve(cfg: ServeConfig) -> None:

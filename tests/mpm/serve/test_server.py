@@ -312,3 +312,14 @@ def test_stop_strings_n_choices_usage_and_roles_as_the_openai_client_reads_them(
             "name": "f", "parameters": {"type": "object", "properties": {}}}}])  # fmt: skip
     r = httpx.post(f"{running.url}/chat/completions", content=b"x" * (10 * 2**20), timeout=30)
     assert r.status_code == 413
+
+
+def test_a_model_trained_on_raw_prompts_is_asked_in_its_template(chat_folder, serve_app):
+    running = serve_app(model=str(chat_folder), raw_prompt="<image> Q: {question} A:")
+    model, processor = load_model(chat_folder, device="cpu")
+    want = generate(model, processor, [Request([RED], prompt="<image> Q: What colour? A:")], max_new_tokens=8)[0]
+    history = [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "x"}, *ask("What colour?", RED)]
+    got = client(running).chat.completions.create(model="tiny-chat", messages=history, max_tokens=8, temperature=0)
+    assert got.choices[0].message.content == want != ""
+    with pytest.raises(openai.BadRequestError, match="marker"):  # the template's image, and none sent
+        client(running).chat.completions.create(model="tiny-chat", messages=ask("What colour?"), max_tokens=2)
