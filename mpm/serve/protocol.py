@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,6 @@ class ChatJob:
     n: int
     stop: list[str]
     stream: bool
-    model: str
     max_tokens_given: bool = False  # False: the default, lowered to what the context has room for
     include_usage: bool = False  # stream_options.include_usage: a last streamed chunk with the usage
     encoded: Any = None  # the request tokenized, with its pixels (mpm.decoding.encode): made once, by the server
@@ -70,8 +69,6 @@ class PaintJob:
     width: int | None
     height: int | None
     seed: int | None
-    model: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _number(body: dict, key: str, kind, low, high, default):
@@ -187,7 +184,7 @@ def chat_job(body: Any, model_name: str, marker: str, limits: Limits) -> ChatJob
     if not isinstance(options, dict):
         raise ServeError(400, "'stream_options' must be an object", "stream_options")
     sampling = Sampling(max_tokens, float(temperature), float(top_p), seed)
-    return ChatJob(Request(images, messages=turns), sampling, n, stop, stream, model_name,
+    return ChatJob(Request(images, messages=turns), sampling, n, stop, stream,
                    max_tokens_given=body.get(key) is not None, include_usage=bool(options.get("include_usage")))  # fmt: skip
 
 
@@ -225,7 +222,7 @@ def paint_job(body: Any, model_name: str, limits: Limits) -> PaintJob:
             raise ServeError(400, f"'size' sides must be multiples of 8 from 8 to {limits.max_paint_size}, got {size}",
                              "size")  # fmt: skip
     seed = _number(body, "seed", int, 0, 2**63 - 1, None)
-    return PaintJob(prompt, n, width, height, seed, model_name)
+    return PaintJob(prompt, n, width, height, seed)
 
 
 def _unsupported(body: dict) -> None:
